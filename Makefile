@@ -1,0 +1,32 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+# Both create .venv if missing, install torch first (CPU wheel here; pip picks the CUDA build on a GPU box),
+# then the project, and run.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+export det_data ?= $(CURDIR)/det_data
+export det_models ?= $(CURDIR)/det_models
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup demo test lint clean-demo
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/nndet demo
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check planner ops apps bundles tests benchmarks

@@ -1,0 +1,110 @@
+"""Environment variables and folder layout, in one place.
+
+nnDetection users know these variables:
+
+* ``det_data``: root of the raw and preprocessed tasks (``$det_data/Task000D3_Example/...``).
+* ``det_models``: root of trained models and generated bundles.
+* ``det_num_threads``: worker processes for data loading / preprocessing (default 6).
+* ``det_verbose``: ``1`` for debug logging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_VARS = ("det_data", "det_models")
+OPTIONAL_VARS = {"det_num_threads": "6", "det_verbose": "0", "OMP_NUM_THREADS": "1"}
+
+
+class EnvironmentError_(RuntimeError):
+    """A required environment variable is missing (message names it and shows the export line)."""
+
+
+def _require(name: str) -> Path:
+    value = os.environ.get(name)
+    if not value:
+        raise EnvironmentError_(
+            f"Environment variable '{name}' is not set. nnDetection-style tools need it, e.g.:\n"
+            f"    export {name}=/path/to/{name}\n"
+            "(`make demo` and `make test` set it to a folder inside the repo.)"
+        )
+    return Path(value).expanduser()
+
+
+def det_data() -> Path:
+    """Root folder of raw and preprocessed tasks (``$det_data``)."""
+    return _require("det_data")
+
+
+def det_models() -> Path:
+    """Root folder of models and generated bundles (``$det_models``)."""
+    return _require("det_models")
+
+
+def num_threads() -> int:
+    """Worker count from ``det_num_threads`` (default 6)."""
+    raw = os.environ.get("det_num_threads", OPTIONAL_VARS["det_num_threads"])
+    try:
+        return max(0, int(raw))
+    except ValueError as e:
+        raise EnvironmentError_(f"det_num_threads must be an integer, got {raw!r}: export det_num_threads=4") from e
+
+
+def verbose() -> bool:
+    return os.environ.get("det_verbose", "0") not in ("0", "", "false", "False")
+
+
+_TASK_RE = re.compile(r"^Task(\d{3})(.*)$")
+
+
+def resolve_task(task: str | int, root: Path | None = None) -> str:
+    """Turn ``000``, ``0``, ``Task000`` or ``Task000D3_Example`` into the full task folder name.
+
+    Raises:
+        FileNotFoundError: no or several matching task folders, listing what exists.
+    """
+    root = det_data() if root is None else Path(root)
+    task = str(task)
+    if root.is_dir() and (root / task).is_dir() and _TASK_RE.match(task):
+        return task
+    m = _TASK_RE.match(task)
+    if m:
+        number = m.group(1)
+    elif task.isdigit():
+        number = f"{int(task):03d}"
+    else:
+        raise FileNotFoundError(
+            f"'{task}' is not a task id: use a number (000), Task000 or a folder name like Task000D3_Example"
+        )
+    found = sorted(p.name for p in root.glob(f"Task{number}*") if p.is_dir()) if root.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    existing = sorted(p.name for p in root.glob("Task*") if p.is_dir()) if root.is_dir() else []
+    if not found:
+        raise FileNotFoundError(
+            f"No task folder for id {number} under det_data={root}. Existing tasks: {existing or 'none'}. "
+            "Create one with `nndet_example` or put your data in det_data/TaskXXX_Name/raw_splitted."
+        )
+    raise FileNotFoundError(f"Task id {number} is ambiguous under {root}: {found}. Pass the full folder name.")
+
+
+def task_dir(task: str | int) -> Path:
+    return det_data() / resolve_task(task)
+
+
+def raw_splitted_dir(task: str | int) -> Path:
+    return task_dir(task) / "raw_splitted"
+
+
+def preprocessed_dir(task: str | int) -> Path:
+    return task_dir(task) / "preprocessed"
+
+
+def model_dir(task: str | int, model: str) -> Path:
+    """``$det_models/<task>/<model>`` (the generated bundle root)."""
+    return det_models() / resolve_task(task) / model
