@@ -1,0 +1,89 @@
+"""Reading cases from NIfTI with nibabel (voxel index order i, j, k; spacing from the affine)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from planner.dataset import CaseFiles, DatasetError
+
+
+@dataclass
+class CaseData:
+    """One loaded case.
+
+    Attributes:
+        data: float32 [C, *spatial] (C modalities; spatial is 2 or 3 axes, raw voxel order).
+        seg: int32 [*spatial] instance map (0 background) or None for unlabeled cases.
+        affine: 4x4 voxel-to-world (RAS, mm) of the first modality.
+        spacing: voxel size per spatial axis (mm).
+        instances: instance id -> class index (from the case json), empty without labels.
+    """
+
+    case_id: str
+    data: np.ndarray
+    seg: np.ndarray | None
+    affine: np.ndarray
+    spacing: list[float]
+    instances: dict[int, int]
+
+
+def spacing_from_affine(affine: np.ndarray, ndim: int) -> list[float]:
+    return [float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)[:ndim]]
+
+
+def load_nifti(path: Path, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Load one NIfTI as (array, affine); a 2D task's (X, Y, 1) volumes are squeezed to (X, Y)."""
+    try:
+        img = nib.load(str(path))
+        arr = np.asanyarray(img.dataobj)
+    except FileNotFoundError as e:
+        raise DatasetError([(str(path), "file is missing")]) from e
+    except Exception as e:  # nibabel raises several types for broken files
+        raise DatasetError([(str(path), f"cannot be read as NIfTI ({e}); re-export the file")]) from e
+    if dim == 2 and arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != dim:
+        raise DatasetError(
+            [(str(path), f"has {arr.ndim} axes {arr.shape} but dataset dim is {dim}; fix dataset.json 'dim' or the file")]
+        )
+    return arr, np.asarray(img.affine, dtype=np.float64)
+
+
+def load_instances_json(path: Path) -> dict[int, int]:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise DatasetError([(str(path), "instance json is missing; write {\"instances\": {\"1\": 0}}")]) from e
+    except json.JSONDecodeError as e:
+        raise DatasetError([(str(path), f"not valid JSON ({e})")]) from e
+    inst = raw.get("instances", {}) if isinstance(raw, dict) else None
+    if not isinstance(inst, dict):
+        raise DatasetError([(str(path), "must hold {\"instances\": {\"<id>\": <class>}}")])
+    return {int(k): int(v) for k, v in inst.items()}
+
+
+def load_case(files: CaseFiles, dim: int, with_label: bool = True) -> CaseData:
+    """Load all modalities (+ label map and instance json when present and asked for)."""
+    arrays, affine = [], None
+    for p in files.images:
+        arr, aff = load_nifti(p, dim)
+        arrays.append(np.asarray(arr, dtype=np.float32))
+        affine = aff if affine is None else affine
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise DatasetError([(str(files.images[0]), f"modalities have different shapes {sorted(shapes)}; resample them to one grid")])
+    data = np.stack(arrays, 0)
+    seg, instances = None, {}
+    if with_label and files.label is not None and files.label.exists():
+        seg_arr, _ = load_nifti(files.label, dim)
+        seg = np.asarray(seg_arr).astype(np.int32)
+        if seg.shape != data.shape[1:]:
+            raise DatasetError([(str(files.label), f"label shape {seg.shape} differs from image shape {data.shape[1:]}")])
+        if files.instances_json is not None:
+            instances = load_instances_json(files.instances_json)
+    return CaseData(files.case_id, data, seg, affine, spacing_from_affine(affine, dim), instances)
