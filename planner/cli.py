@@ -1,0 +1,220 @@
+"""Command line: `nndet_*` console scripts (argparse, nnDetection's flags) and the `nndet` umbrella (fire).
+
+Each entry point only parses arguments and calls an API function that tests call directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+from planner import paths
+
+logger = logging.getLogger("planner")
+
+
+def _setup_logging() -> None:
+    level = logging.DEBUG if paths.verbose() else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _parse_overrides(items: list[str] | None) -> dict[str, str]:
+    """`-o key=value` pairs (nnDetection's override habit) into a dict."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"override '{item}' must look like key=value (e.g. -o overwrite=True)")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _as_bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "y"):
+        return True
+    if value.lower() in ("0", "false", "no", "n"):
+        return False
+    raise SystemExit(f"expected a boolean, got {value!r}")
+
+
+def _run(fn, *args, **kwargs):
+    """Call an API function; turn expected user errors into a clean message and exit code 2."""
+    from planner.dataset import DatasetError
+
+    try:
+        return fn(*args, **kwargs)
+    except (DatasetError, paths.EnvironmentError_, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+
+
+# ----------------------------------------------------------------------------------------- env
+def environment_report() -> str:
+    """Versions, devices, paths and variables, as `nndet_env` prints them."""
+    import importlib.metadata as md
+
+    lines = [f"python               {platform.python_version()} ({sys.executable})", f"platform             {platform.platform()}"]
+    for pkg in ("nndet-monai", "torch", "monai", "numpy", "scipy", "nibabel", "pydicom", "cupy-cuda13x",
+                "monai-deploy-app-sdk", "highdicom", "pynetdicom", "torchvision"):
+        try:
+            lines.append(f"{pkg:<20} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            lines.append(f"{pkg:<20} not installed")
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                p = torch.cuda.get_device_properties(i)
+                lines.append(f"device {i}             {p.name}, {p.total_memory / 2**30:.1f} GiB")
+        else:
+            lines.append("device               CPU only (no CUDA device visible)")
+        lines.append(f"cpu threads          {torch.get_num_threads()} (os.cpu_count {os.cpu_count()})")
+    except ImportError:
+        lines.append("device               torch missing")
+    for var in (*paths.REQUIRED_VARS, *paths.OPTIONAL_VARS):
+        val = os.environ.get(var)
+        lines.append(f"{var:<20} {val if val else '(not set)'}")
+    return "\n".join(lines)
+
+
+def env_main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="nndet_env", description="Print versions, devices, paths and variables.").parse_args(argv)
+    print(environment_report())
+
+
+# ------------------------------------------------------------------------------------- example
+def example_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="nndet_example", description="Write the toy task Task000D3_Example to $det_data.")
+    p.add_argument("--full", action="store_true", help="1000 train + 1000 test cases (nnDetection's --full)")
+    p.add_argument("--preset", default="nndet", choices=["nndet", "cpu"],
+                   help="nndet: nnDetection's 256^3 cases; cpu: small cases a 2-core CPU trains on in minutes")
+    p.add_argument("--size", type=int, default=None, help="volume edge in voxels (overrides the preset)")
+    p.add_argument("--num_train", type=int, default=None)
+    p.add_argument("--num_test", type=int, default=None)
+    p.add_argument("--dim", type=int, default=3, choices=[2, 3])
+    p.add_argument("--num_processes", "-np", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing toy task folder")
+    a = p.parse_args(argv)
+    _setup_logging()
+    from planner.toy import generate_example
+
+    out = _run(generate_example, paths.det_data(), preset=a.preset, full=a.full, num_train=a.num_train,
+               num_test=a.num_test, size=a.size, dim=a.dim, num_processes=a.num_processes, overwrite=a.overwrite)
+    print(f"toy task written to {out}")
+
+
+# ---------------------------------------------------------------------------------------- prep
+def prep(task: str, full_check: bool = False, no_check: bool = False, num_processes: int = 0,
+         num_processes_preprocessing: int = 0, overwrite: bool = False, memory_budget_gb: float | None = None,
+         no_preprocess: bool = False) -> None:
+    """Checks, fingerprint, plans, bundle generation and preprocessing of one task; prints the plans."""
+    from planner.prep import DEFAULT_MEMORY_BUDGET_GB, run_prep
+
+    result = _run(run_prep, task, full_check=full_check, no_check=no_check, num_processes=num_processes,
+                  num_processes_preprocessing=num_processes_preprocessing, overwrite=overwrite,
+                  memory_budget_gb=memory_budget_gb or DEFAULT_MEMORY_BUDGET_GB, preprocess=not no_preprocess)
+    print(f"\n== {result.task} ==")
+    print(f"fingerprint   {result.fingerprint}")
+    for plan, pf, b in zip(result.plans, result.plan_files, result.bundles, strict=True):
+        print(plan.summary())
+        print(f"  plan file        {pf}")
+        print(f"  bundle           {b}")
+    for png in result.plots:
+        print(f"plot          {png}")
+    return None
+
+
+def prep_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="nndet_prep", description="Check, fingerprint, plan and preprocess a task.")
+    p.add_argument("task", help="task id or name: 000, Task000 or Task000D3_Example")
+    p.add_argument("--full_check", action="store_true", help="load every case: geometry and instance/json checks")
+    p.add_argument("--no_check", action="store_true", help="skip the dataset checks")
+    p.add_argument("-np", "--num_processes", type=int, default=None, help="workers for checks/fingerprint")
+    p.add_argument("-npp", "--num_processes_preprocessing", type=int, default=None, help="workers for resampling")
+    p.add_argument("--overwrite", action="store_true", help="recompute stages whose outputs exist")
+    p.add_argument("--memory_budget_gb", type=float, default=None, help="GPU memory budget (default 11 GB)")
+    p.add_argument("--no_preprocess", action="store_true", help="stop after planning and bundle generation")
+    p.add_argument("-o", "--overrides", action="append", help="key=value, e.g. -o overwrite=True -o memory_budget_gb=24")
+    a = p.parse_args(argv)
+    _setup_logging()
+    ov = _parse_overrides(a.overrides)
+    unknown = set(ov) - {"overwrite", "memory_budget_gb", "full_check", "num_processes", "num_processes_preprocessing"}
+    if unknown:
+        raise SystemExit(f"unknown override(s) {sorted(unknown)}")
+    default_np = paths.num_threads()
+    prep(
+        a.task,
+        full_check=a.full_check or _as_bool(ov.get("full_check", False)),
+        no_check=a.no_check,
+        num_processes=int(ov.get("num_processes", a.num_processes if a.num_processes is not None else default_np)),
+        num_processes_preprocessing=int(ov.get("num_processes_preprocessing", a.num_processes_preprocessing
+                                               if a.num_processes_preprocessing is not None else default_np)),
+        overwrite=a.overwrite or _as_bool(ov.get("overwrite", False)),
+        memory_budget_gb=float(ov["memory_budget_gb"]) if "memory_budget_gb" in ov else a.memory_budget_gb,
+        no_preprocess=a.no_preprocess,
+    )
+
+
+# -------------------------------------------------------------------------------------- unpack
+def unpack_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="nndet_unpack", description="Kept for nnDetection habits: our preprocessed "
+                                "arrays are already uncompressed .npy (memory-mapped), so there is nothing to unpack.")
+    p.add_argument("path", nargs="?", help="preprocessed folder (checked only)")
+    p.add_argument("num_processes", nargs="?", type=int, default=0)
+    a = p.parse_args(argv)
+    _setup_logging()
+    from planner.preprocess.run import unpack
+
+    _run(unpack, Path(a.path) if a.path else None)
+
+
+# ---------------------------------------------------------------------------------------- demo
+def demo(preset: str = "cpu", num_processes: int | None = None) -> None:
+    """The README's main job on the built-in toy data: example -> prep, then print the plan."""
+    from planner.dataset import DatasetError  # noqa: F401  (import check for a clean error path)
+    from planner.toy import generate_example
+
+    _setup_logging()
+    nproc = paths.num_threads() if num_processes is None else num_processes
+    nproc = min(nproc, os.cpu_count() or 1)
+    root = paths.det_data()
+    try:
+        task_name = paths.resolve_task("000", root)
+        logger.info("toy task %s exists, reusing it", task_name)
+    except FileNotFoundError:
+        _run(generate_example, root, preset=preset, num_processes=nproc)
+    prep("000", num_processes=nproc, num_processes_preprocessing=nproc)
+
+
+# nndet <command> [args]: commands with nnDetection's flags (-np, -o key=value) go to their argparse
+# entry point; everything else (demo, API-style calls) goes through fire.
+ARGPARSE_COMMANDS = {"env": env_main, "example": example_main, "prep": prep_main, "unpack": unpack_main}
+
+
+class _Umbrella:
+    """nndet <command>: env, example, prep, unpack (same flags as nndet_<command>) and demo."""
+
+    def demo(self, preset: str = "cpu", num_processes: int | None = None):
+        """Run the main job on the toy data (what `make demo` runs)."""
+        demo(preset=preset, num_processes=num_processes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ARGPARSE_COMMANDS:
+        ARGPARSE_COMMANDS[argv[0]](argv[1:])
+        return
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: nndet <command> [args]\n\ncommands:\n  " + "\n  ".join([*ARGPARSE_COMMANDS, "demo"])
+              + "\n\n`nndet <command> -h` shows the flags of each (same as nndet_<command>).")
+        return
+    import fire
+
+    fire.Fire(_Umbrella, command=argv, name="nndet")

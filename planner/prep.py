@@ -1,0 +1,126 @@
+"""`nndet_prep` as an API: checks -> fingerprint -> plans -> bundle per plan -> preprocessing.
+
+Each stage writes a JSON artefact the next one reads and is skipped when its artefact exists,
+unless ``overwrite`` is set (nnU-Net's habit): a rerun after a crash picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from planner import paths
+from planner.dataset import DatasetInfo, load_dataset_info
+from planner.plan.plan import Plan
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_BUDGET_GB = 11523260416 / 2**30  # nnDetection's RTX 2080 Ti target, in GiB
+
+
+@dataclass
+class PrepResult:
+    """What `nndet_prep` produced (paths are absolute)."""
+
+    task: str
+    fingerprint: Path
+    plans: list[Plan] = field(default_factory=list)
+    plan_files: list[Path] = field(default_factory=list)
+    bundles: list[Path] = field(default_factory=list)
+    preprocessed: list[Path] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+
+
+def fingerprint_path(task_root: Path) -> Path:
+    return task_root / "preprocessed" / "fingerprint.json"
+
+
+def plans_dir(task_root: Path) -> Path:
+    return task_root / "preprocessed" / "plans"
+
+
+def run_checks(task_root: Path, full_check: bool = False, num_processes: int = 0) -> DatasetInfo:
+    """Validate the raw task (all problems at once); raises DatasetError before anything is written."""
+    from planner.checks import assert_task_ok
+
+    dataset = load_dataset_info(task_root)
+    assert_task_ok(task_root, full=full_check, num_processes=num_processes)
+    return dataset
+
+
+def run_prep(
+    task: str | int,
+    *,
+    full_check: bool = False,
+    no_check: bool = False,
+    num_processes: int = 0,
+    num_processes_preprocessing: int = 0,
+    overwrite: bool = False,
+    memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
+    preprocess: bool = True,
+) -> PrepResult:
+    """Run the whole preparation of a task (see module docstring).
+
+    Args:
+        task: task id or folder name under ``$det_data`` (``000``, ``Task000``, ``Task000D3_Example``).
+        full_check: also load every case and check geometry and instance/json consistency.
+        no_check: skip the checks (not recommended).
+        num_processes: workers for checks and fingerprint (``-np``).
+        num_processes_preprocessing: workers for resampling/normalisation (``-npp``).
+        overwrite: recompute stages whose outputs exist (otherwise they are reused).
+        memory_budget_gb: GPU memory budget the planner fits the patch size to.
+        preprocess: run the preprocessing stage (``False`` stops after planning and bundle generation).
+    """
+    from planner.bundle import generate_bundle
+    from planner.fingerprint import Fingerprint, compute_fingerprint
+    from planner.plan.planner import plan_task
+    from planner.plan.plots import write_planner_plots
+    from planner.preprocess.run import preprocess_task
+
+    paths.det_models()  # fail early (with the export line) before any work
+    task_name = paths.resolve_task(task)
+    task_root = paths.det_data() / task_name
+    if no_check:
+        logger.warning("checks skipped (--no_check): broken cases will fail later with less helpful errors")
+        dataset = load_dataset_info(task_root)
+    else:
+        dataset = run_checks(task_root, full_check=full_check, num_processes=num_processes)
+
+    fp_path = fingerprint_path(task_root)
+    if fp_path.exists() and not overwrite:
+        logger.info("fingerprint exists, reusing %s (overwrite to recompute)", fp_path)
+        fingerprint = Fingerprint.from_json(fp_path)
+    else:
+        fingerprint = compute_fingerprint(task_root, num_processes=num_processes)
+        fingerprint.to_json(fp_path)
+        logger.info("fingerprint written to %s", fp_path)
+    result = PrepResult(task=task_name, fingerprint=fp_path)
+
+    pdir = plans_dir(task_root)
+    existing = sorted(pdir.glob("*.json")) if pdir.is_dir() else []
+    if existing and not overwrite:
+        logger.info("plans exist, reusing %s (overwrite to re-plan)", [p.name for p in existing])
+        plans = [Plan.from_json(p) for p in existing]
+        plans.sort(key=lambda p: (p.mode != "3d" and p.mode != "2d", p.mode))
+    else:
+        plans = plan_task(fingerprint, dataset, memory_budget_bytes=int(memory_budget_gb * 2**30))
+        for plan in plans:
+            plan.to_json(pdir / f"{plan.plan_id}.json")
+        result.plots = write_planner_plots(fingerprint, plans, pdir / "analysis")
+    result.plans = plans
+    result.plan_files = [pdir / f"{p.plan_id}.json" for p in plans]
+
+    for plan in plans:
+        bundle_dir = paths.det_models() / task_name / plan.model_name
+        if bundle_dir.exists() and not overwrite:
+            logger.info("bundle exists, reusing %s (overwrite to regenerate)", bundle_dir)
+        else:
+            generate_bundle(plan, dataset, bundle_dir, overwrite=overwrite)
+        result.bundles.append(bundle_dir)
+        if preprocess:
+            preprocess_task(
+                task_root, bundle_dir, plan, num_processes=num_processes_preprocessing, overwrite=overwrite
+            )
+            result.preprocessed.append(task_root / "preprocessed" / plan.plan_id)
+    return result
