@@ -72,12 +72,6 @@ def run_prep(
         memory_budget_gb: GPU memory budget the planner fits the patch size to.
         preprocess: run the preprocessing stage (``False`` stops after planning and bundle generation).
     """
-    from planner.bundle import generate_bundle
-    from planner.fingerprint import Fingerprint, compute_fingerprint
-    from planner.plan.planner import plan_task
-    from planner.plan.plots import write_planner_plots
-    from planner.preprocess.run import preprocess_task
-
     paths.det_models()  # fail early (with the export line) before any work
     task_name = paths.resolve_task(task)
     task_root = paths.det_data() / task_name
@@ -86,6 +80,12 @@ def run_prep(
         dataset = load_dataset_info(task_root)
     else:
         dataset = run_checks(task_root, full_check=full_check, num_processes=num_processes)
+
+    from planner.bundle import generate_bundle
+    from planner.fingerprint import Fingerprint, compute_fingerprint
+    from planner.plan.planner import plan_task
+    from planner.plan.plots import write_planner_plots
+    from planner.preprocess.run import preprocess_task
 
     fp_path = fingerprint_path(task_root)
     if fp_path.exists() and not overwrite:
