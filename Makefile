@@ -9,7 +9,7 @@ export det_data ?= $(CURDIR)/det_data
 export det_models ?= $(CURDIR)/det_models
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test lint clean-demo
+.PHONY: setup demo test lint bench-prep
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,3 +30,17 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check planner ops apps bundles tests benchmarks
+
+# Benchmarks (not part of CI). bench-prep compares nndet_prep with nnU-Net v2 in a separate venv:
+# nnunetv2 pulls timm/torchvision, which must not leak into the main environment.
+BENCH_VENV ?= .venv-bench
+$(BENCH_VENV)/.installed:
+	$(PY) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q "torch==$(TORCH_VERSION)"
+	echo "torch==$(TORCH_VERSION)" > $(BENCH_VENV)/constraints.txt
+	$(BENCH_VENV)/bin/python -m pip install -q -c $(BENCH_VENV)/constraints.txt "nnunetv2>=2.5" psutil
+	touch $@
+
+bench-prep: setup $(BENCH_VENV)/.installed
+	$(BIN)/python -m pip install -q psutil
+	$(BIN)/python benchmarks/prep.py --nnunet_bin $(BENCH_VENV)/bin --ours_bin $(BIN)
