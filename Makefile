@@ -38,7 +38,7 @@ $(BENCH_VENV)/.installed:
 	$(PY) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q "torch==$(TORCH_VERSION)"
 	echo "torch==$(TORCH_VERSION)" > $(BENCH_VENV)/constraints.txt
-	$(BENCH_VENV)/bin/python -m pip install -q -c $(BENCH_VENV)/constraints.txt "nnunetv2>=2.5" psutil
+	$(BENCH_VENV)/bin/python -m pip install -q -c $(BENCH_VENV)/constraints.txt "nnunetv2>=2.5" "psutil>=5.9"
 	touch $@
 
 bench-prep: setup $(BENCH_VENV)/.installed
