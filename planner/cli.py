@@ -100,13 +100,19 @@ def example_main(argv: list[str] | None = None) -> None:
     p.add_argument("--num_test", type=int, default=None)
     p.add_argument("--dim", type=int, default=3, choices=[2, 3])
     p.add_argument("--num_processes", "-np", type=int, default=0)
+    p.add_argument("--spacing", type=float, nargs="+", default=None, help="voxel size per i j k axis (mm)")
+    p.add_argument("--modality", default="MRI", choices=["MRI", "CT"], help="CT writes HU-like intensities")
+    p.add_argument("--task_name", default=None, help="another task folder name (e.g. Task101D3_CTLike)")
+    p.add_argument("--seed_offset", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing toy task folder")
     a = p.parse_args(argv)
     _setup_logging()
     from planner.toy import generate_example
 
     out = _run(generate_example, paths.det_data(), preset=a.preset, full=a.full, num_train=a.num_train,
-               num_test=a.num_test, size=a.size, dim=a.dim, num_processes=a.num_processes, overwrite=a.overwrite)
+               num_test=a.num_test, size=a.size, dim=a.dim, num_processes=a.num_processes, overwrite=a.overwrite,
+               spacing=tuple(a.spacing) if a.spacing else None, modality=a.modality, task_name=a.task_name,
+               seed_offset=a.seed_offset)
     print(f"toy task written to {out}")
 
 

@@ -44,9 +44,8 @@ def run_checks(task_root: Path, full_check: bool = False, num_processes: int = 0
     """Validate the raw task (all problems at once); raises DatasetError before anything is written."""
     from planner.checks import assert_task_ok
 
-    dataset = load_dataset_info(task_root)
     assert_task_ok(task_root, full=full_check, num_processes=num_processes)
-    return dataset
+    return load_dataset_info(task_root)
 
 
 def run_prep(
