@@ -46,8 +46,13 @@ class ArchitecturePlan:
 class AnchorPlan:
     """Anchors per decoder level.
 
-    ``sizes[l][a]`` is the list of anchor extents (voxels of the preprocessed image) along axis a
-    at decoder level l; anchors per location = product of the per-axis counts (27 in 3D).
+    ``sizes[l][a]`` is the list of anchor extents (voxels of the preprocessed *input image*, transposed
+    axes) along axis a at decoder level l (l indexes ``architecture.decoder_levels``);
+    ``sizes[l][a] = base_sizes[a] * cumstride(level l)[a] / cumstride(first decoder level)[a]``.
+    Anchor shapes = every combination of the per-axis sizes (3**dim per location, first axis varying
+    slowest; ``planner.plan.anchors.anchor_shapes_per_level``), centred on each level's grid. MONAI's
+    ``AnchorGeneratorWithAnchorShape`` scales by a scalar per level and rounds half-extents: the
+    detector builds its per-level cell anchors from these shapes instead.
     ``base_sizes`` are the optimised sizes at the first decoder level before stride scaling.
     """
 
