@@ -1,0 +1,5 @@
+"""Preprocessing (SPEC section 5): the bundle's MONAI transform chain applied offline to every case."""
+
+from planner.preprocess.run import load_preprocessing, preprocess_case, preprocess_task, unpack
+
+__all__ = ["load_preprocessing", "preprocess_case", "preprocess_task", "unpack"]
