@@ -1,0 +1,142 @@
+"""NMS, class-wise NMS and weighted NMS: MONAI agreement, a dense reference, edge cases, kinds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from monai.data.box_utils import non_max_suppression as monai_nms
+
+import ops
+from tests.ops import box_sets, pair_iou64, random_boxes
+
+
+def dense_reference_nms(boxes, scores, thr, labels=None):
+    """Textbook greedy NMS over the float32 IoU matrix (stable ties), used as the oracle."""
+    order = np.argsort(-scores.astype(np.float32), kind="stable")
+    iou = ops.box_iou(boxes, boxes)
+    alive = np.ones(len(boxes), bool)
+    keep = []
+    for i in order:
+        if not alive[i]:
+            continue
+        keep.append(i)
+        hit = iou[i] > np.float32(thr)
+        if labels is not None:
+            hit &= labels == labels[i]
+        alive &= ~hit
+    return np.array(keep, np.int64)
+
+
+def far_from_threshold(boxes, thr, eps=1e-5):
+    return all(abs(pair_iou64(a, b) - thr) > eps for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+
+
+@settings(max_examples=80, deadline=None)
+@given(box_sets(), __import__("hypothesis").strategies.sampled_from([0.0, 0.1, 0.3, 0.5, 0.7]))
+def test_nms_agrees_with_monai(data, thr):
+    boxes, scores = data
+    assume(far_from_threshold(boxes, thr))
+    ours = ops.nms(boxes, scores, thr)
+    ref = monai_nms(torch.from_numpy(boxes), torch.from_numpy(scores), thr)
+    np.testing.assert_array_equal(ours, ref.numpy())
+    assert ours.dtype == np.int64
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_nms_matches_dense_reference_across_chunks(monkeypatch, dim):
+    from ops import cpu
+
+    rng = np.random.default_rng(dim)
+    boxes = random_boxes(rng, 600, dim, extent=60)
+    scores = rng.integers(0, 20, 600).astype(np.float32)  # many ties
+    for thr in (0.0, 0.2, 0.5):
+        expected = dense_reference_nms(boxes, scores, thr)
+        np.testing.assert_array_equal(ops.nms(boxes, scores, thr), expected)
+        monkeypatch.setattr(cpu, "SWEEP_BLOCK", 7)  # many small sweep blocks
+        np.testing.assert_array_equal(ops.nms(boxes, scores, thr), expected)
+        monkeypatch.undo()
+
+
+def test_ties_keep_lower_index():
+    b = np.array([[0, 0, 10, 10]] * 3 + [[20, 20, 30, 30]] * 2, np.float32)
+    s = np.array([0.5, 0.5, 0.5, 0.7, 0.7], np.float32)
+    np.testing.assert_array_equal(ops.nms(b, s, 0.5), [3, 0])
+    np.testing.assert_array_equal(ops.nms(b, np.zeros(5), 0.5), [0, 3])
+
+
+def test_threshold_is_strict():
+    a = np.array([[0, 0, 2, 1], [1, 0, 3, 1]], np.float32)  # IoU exactly 1/3
+    s = np.array([0.9, 0.8], np.float32)
+    assert len(ops.nms(a, s, 1 / 3)) == 2 and len(ops.nms(a, s, 0.33)) == 1
+    b = np.array([[0, 0, 4, 4], [0, 0, 4, 2]], np.float32)  # IoU exactly 0.5
+    assert len(ops.nms(b, s, 0.5)) == 2 and len(ops.nms(b, s, 0.4999)) == 1
+
+
+def test_empty_one_and_zero_size():
+    assert ops.nms(np.zeros((0, 6)), np.zeros(0), 0.5).shape == (0,)
+    assert ops.nms(torch.zeros(0, 4), torch.zeros(0), 0.5).shape == (0,)
+    np.testing.assert_array_equal(ops.nms(np.array([[0, 0, 0, 1, 1, 1]]), np.array([0.3]), 0.5), [0])
+    # zero-size boxes never suppress or get suppressed, even at threshold 0 and when identical
+    b = np.array([[2, 2, 2, 2], [2, 2, 2, 2], [0, 0, 5, 5], [1, 1, 3, 1]], np.float32)
+    s = np.array([0.9, 0.8, 0.7, 0.95], np.float32)
+    np.testing.assert_array_equal(ops.nms(b, s, 0.0), [3, 0, 1, 2])
+
+
+def test_nan_scores_and_bad_threshold_raise():
+    b = np.array([[0, 0, 1, 1], [0, 0, 1, 1]], np.float32)
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        ops.nms(b, np.array([0.1, np.nan]), 0.5)
+    with pytest.raises(ValueError, match="iou_threshold"):
+        ops.nms(b, np.array([0.1, 0.2]), -0.1)
+    with pytest.raises(ValueError, match="shape"):
+        ops.nms(b, np.array([0.1]), 0.5)
+
+
+def test_mixed_dtypes_and_kinds():
+    rng = np.random.default_rng(5)
+    b = random_boxes(rng, 300, 3, extent=80)
+    s = rng.random(300).astype(np.float32)
+    ref = ops.nms(b, s, 0.2)
+    out = ops.nms(torch.from_numpy(b).double(), torch.from_numpy(s).half().float(), 0.2)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.int64
+    np.testing.assert_array_equal(ops.nms(b.astype(np.float64), s.astype(np.float64), 0.2), ref)
+    np.testing.assert_array_equal(ops.nms(b.tolist(), s.tolist(), 0.2), ref)
+    np.testing.assert_array_equal(ops.nms(torch.from_numpy(b), s, 0.2).numpy(), ref)
+
+
+@settings(max_examples=40, deadline=None)
+@given(box_sets(max_n=60))
+def test_batched_nms_is_per_class_nms(data):
+    boxes, scores = data
+    labels = np.random.default_rng(len(boxes)).integers(0, 3, len(boxes))
+    keep = ops.batched_nms(boxes, scores, labels, 0.3)
+    np.testing.assert_array_equal(keep, dense_reference_nms(boxes, scores, 0.3, labels))
+    for c in range(3):
+        idx = np.flatnonzero(labels == c)
+        per_class = idx[ops.nms(boxes[idx], scores[idx], 0.3)]
+        np.testing.assert_array_equal(keep[labels[keep] == c], per_class)
+
+
+def test_batched_nms_exact_on_huge_coordinates():
+    # the coordinate-offset trick would lose these in float32; we never shift boxes
+    b = np.array([[1e6, 1e6, 1e6 + 1, 1e6 + 1], [1e6, 1e6, 1e6 + 1, 1e6 + 1.5]], np.float32)
+    s = np.array([0.9, 0.8], np.float32)
+    np.testing.assert_array_equal(ops.batched_nms(b, s, np.array([0, 1]), 0.5), [0, 1])
+    np.testing.assert_array_equal(ops.batched_nms(b, s, np.array([7, 7]), 0.5), [0])
+
+
+def test_weighted_nms_ranks_by_score_times_weight():
+    b = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], np.float32)
+    s = np.array([0.9, 0.8, 0.5], np.float32)
+    w = np.array([0.5, 1.0, 1.0])
+    np.testing.assert_array_equal(ops.weighted_nms(b, s, None, w, 0.1), [1, 2])
+    np.testing.assert_array_equal(ops.weighted_nms(b, s, np.array([0, 1, 0]), w, 0.1), [1, 2, 0])
+    rng = np.random.default_rng(6)
+    bb = random_boxes(rng, 400, 3, extent=70)
+    ss, ww, ll = rng.random(400), rng.uniform(0.5, 1, 400), rng.integers(0, 2, 400)
+    key = ss.astype(np.float32) * ww.astype(np.float32)
+    np.testing.assert_array_equal(ops.weighted_nms(bb, ss, ll, ww, 0.1), dense_reference_nms(bb, key, 0.1, ll))
+    with pytest.raises(ValueError, match="weights"):
+        ops.weighted_nms(b, s, None, np.array([1.0, -1.0, 1.0]), 0.1)
