@@ -77,7 +77,7 @@ def load_case(files: CaseFiles, dim: int, with_label: bool = True) -> CaseData:
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise DatasetError([(str(files.images[0]), f"modalities have different shapes {sorted(shapes)}; resample them to one grid")])
-    data = np.stack(arrays, 0)
+    data = arrays[0][None] if len(arrays) == 1 else np.stack(arrays, 0)
     seg, instances = None, {}
     if with_label and files.label is not None and files.label.exists():
         seg_arr, _ = load_nifti(files.label, dim)
