@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from planner import paths
 from planner.crop import bbox_of_mask, crop_to_bbox
 from planner.dataset import CaseFiles, DatasetError, list_cases, load_dataset_info
 from planner.io import load_json, save_json
@@ -307,7 +307,7 @@ def compute_fingerprint(task_root: Path, num_processes: int = 0) -> Fingerprint:
     bar = {"total": len(jobs), "desc": "fingerprint", "unit": "case", "disable": None}
     results: list[tuple[str, Any, list[np.ndarray]]] = []
     if num_processes > 0:
-        with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+        with paths.mp_context().Pool(min(num_processes, len(jobs))) as pool:
             results = list(tqdm(pool.imap(_case_worker, jobs, chunksize=1), **bar))
     else:
         results = [_case_worker(j) for j in tqdm(jobs, **bar)]

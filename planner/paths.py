@@ -108,3 +108,21 @@ def preprocessed_dir(task: str | int) -> Path:
 def model_dir(task: str | int, model: str) -> Path:
     """``$det_models/<task>/<model>`` (the generated bundle root)."""
     return det_models() / resolve_task(task) / model
+
+
+def mp_context():
+    """Multiprocessing context for worker pools (``det_mp_start``: fork | forkserver | spawn).
+
+    ``fork`` (the default where it exists) lets workers reuse the parent's imports (MONAI/torch take
+    seconds to import, which ``spawn`` pays again in every worker); pools only run numpy/scipy work and
+    ``OMP_NUM_THREADS=1`` is expected, so forking is safe. Set ``det_mp_start=spawn`` to be conservative.
+    """
+    import multiprocessing
+
+    default = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    method = os.environ.get("det_mp_start", default)
+    if method not in multiprocessing.get_all_start_methods():
+        raise EnvironmentError_(
+            f"det_mp_start={method!r} is not available here; use one of {multiprocessing.get_all_start_methods()}"
+        )
+    return multiprocessing.get_context(method)

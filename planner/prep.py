@@ -97,6 +97,7 @@ def run_prep(
     result = PrepResult(task=task_name, fingerprint=fp_path)
 
     pdir = plans_dir(task_root)
+    plot_pool = plot_job = None
     existing = sorted(pdir.glob("*.json")) if pdir.is_dir() else []
     if existing and not overwrite:
         logger.info("plans exist, reusing %s (overwrite to re-plan)", [p.name for p in existing])
@@ -106,20 +107,29 @@ def run_prep(
         plans = plan_task(fingerprint, dataset, memory_budget_bytes=int(memory_budget_gb * 2**30))
         for plan in plans:
             plan.to_json(pdir / f"{plan.plan_id}.json")
-        result.plots = write_planner_plots(fingerprint, plans, pdir / "analysis")
+        # plots render in a side process while bundles are generated and cases preprocessed
+        plot_pool = paths.mp_context().Pool(1)
+        plot_job = plot_pool.apply_async(write_planner_plots, (fingerprint, plans, pdir / "analysis"))
     result.plans = plans
     result.plan_files = [pdir / f"{p.plan_id}.json" for p in plans]
 
-    for plan in plans:
-        bundle_dir = paths.det_models() / task_name / plan.model_name
-        if bundle_dir.exists() and not overwrite:
-            logger.info("bundle exists, reusing %s (overwrite to regenerate)", bundle_dir)
-        else:
-            generate_bundle(plan, dataset, bundle_dir, overwrite=overwrite)
-        result.bundles.append(bundle_dir)
-        if preprocess:
-            preprocess_task(
-                task_root, bundle_dir, plan, num_processes=num_processes_preprocessing, overwrite=overwrite
-            )
-            result.preprocessed.append(task_root / "preprocessed" / plan.plan_id)
+    try:
+        for plan in plans:
+            bundle_dir = paths.det_models() / task_name / plan.model_name
+            if bundle_dir.exists() and not overwrite:
+                logger.info("bundle exists, reusing %s (overwrite to regenerate)", bundle_dir)
+            else:
+                generate_bundle(plan, dataset, bundle_dir, overwrite=overwrite)
+            result.bundles.append(bundle_dir)
+            if preprocess:
+                preprocess_task(
+                    task_root, bundle_dir, plan, num_processes=num_processes_preprocessing, overwrite=overwrite
+                )
+                result.preprocessed.append(task_root / "preprocessed" / plan.plan_id)
+        if plot_job is not None:
+            result.plots = plot_job.get()
+    finally:
+        if plot_pool is not None:
+            plot_pool.terminate() if not plot_job.ready() else plot_pool.close()
+            plot_pool.join()
     return result

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from planner import paths
 from planner.bundle import PREPROCESSING_CONFIG, PREPROCESSING_ID
 from planner.dataset import CaseFiles, DatasetError, list_cases, load_dataset_info
 from planner.fingerprint import instance_boxes
@@ -176,7 +176,7 @@ def preprocess_task(
     bar = {"total": len(jobs), "desc": f"preprocess {plan.plan_id}", "unit": "case", "disable": None}
     init = (str(bundle_dir), dataset.dim, plan.plan_id)
     if num_processes > 0:
-        ctx = multiprocessing.get_context("spawn")
+        ctx = paths.mp_context()
         with ctx.Pool(min(num_processes, len(jobs)), initializer=_init_worker, initargs=init) as pool:
             results = list(tqdm(pool.imap_unordered(_worker, jobs, chunksize=1), **bar))
     else:

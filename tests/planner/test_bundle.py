@@ -139,7 +139,7 @@ def test_all_configs_parse_with_monai_config_parser(bundle):
     extra = {"pre": "@preprocessing", "channels": "@_meta_#network_data_format#inputs#image#num_channels"}
     (bundle / "configs" / "inference.json").write_text(json.dumps(extra))
     verify_bundle(bundle)
-    (bundle / "configs" / "inference.json").write_text(json.dumps({"net": "@network_def"}))
+    (bundle / "configs" / "inference.json").write_text(json.dumps({"net": "@no_such_component"}))
     with pytest.raises(BundleError, match="inference.json"):
         verify_bundle(bundle)
 
