@@ -119,13 +119,14 @@ def example_main(argv: list[str] | None = None) -> None:
 # ---------------------------------------------------------------------------------------- prep
 def prep(task: str, full_check: bool = False, no_check: bool = False, num_processes: int = 0,
          num_processes_preprocessing: int = 0, overwrite: bool = False, memory_budget_gb: float | None = None,
-         no_preprocess: bool = False) -> None:
+         no_preprocess: bool = False, preset: str = "default"):
     """Checks, fingerprint, plans, bundle generation and preprocessing of one task; prints the plans."""
     from planner.prep import DEFAULT_MEMORY_BUDGET_GB, run_prep
 
     result = _run(run_prep, task, full_check=full_check, no_check=no_check, num_processes=num_processes,
                   num_processes_preprocessing=num_processes_preprocessing, overwrite=overwrite,
-                  memory_budget_gb=memory_budget_gb or DEFAULT_MEMORY_BUDGET_GB, preprocess=not no_preprocess)
+                  memory_budget_gb=memory_budget_gb or DEFAULT_MEMORY_BUDGET_GB, preprocess=not no_preprocess,
+                  preset=preset)
     print(f"\n== {result.task} ==")
     print(f"fingerprint   {result.fingerprint}")
     for plan, pf, b in zip(result.plans, result.plan_files, result.bundles, strict=True):
@@ -134,7 +135,7 @@ def prep(task: str, full_check: bool = False, no_check: bool = False, num_proces
         print(f"  bundle           {b}")
     for png in result.plots:
         print(f"plot          {png}")
-    return None
+    return result
 
 
 def prep_main(argv: list[str] | None = None) -> None:
@@ -147,11 +148,15 @@ def prep_main(argv: list[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true", help="recompute stages whose outputs exist")
     p.add_argument("--memory_budget_gb", type=float, default=None, help="GPU memory budget (default 11 GB)")
     p.add_argument("--no_preprocess", action="store_true", help="stop after planning and bundle generation")
+    p.add_argument("--preset", default=None, choices=["default", "cpu"],
+                   help="default: nnDetection's network (plans D3V001_*); cpu: narrow network on small patches "
+                        "that trains on a few CPU cores (plans D3V001CPU_*)")
     p.add_argument("-o", "--overrides", action="append", help="key=value, e.g. -o overwrite=True -o memory_budget_gb=24")
     a = p.parse_args(argv)
     _setup_logging()
     ov = _parse_overrides(a.overrides)
-    unknown = set(ov) - {"overwrite", "memory_budget_gb", "full_check", "num_processes", "num_processes_preprocessing"}
+    unknown = set(ov) - {"overwrite", "memory_budget_gb", "full_check", "num_processes", "num_processes_preprocessing",
+                         "preset"}
     if unknown:
         raise SystemExit(f"unknown override(s) {sorted(unknown)}")
     default_np = paths.num_threads()
@@ -165,7 +170,48 @@ def prep_main(argv: list[str] | None = None) -> None:
         overwrite=a.overwrite or _as_bool(ov.get("overwrite", False)),
         memory_budget_gb=float(ov["memory_budget_gb"]) if "memory_budget_gb" in ov else a.memory_budget_gb,
         no_preprocess=a.no_preprocess,
+        preset=ov.get("preset", a.preset or "default"),
     )
+
+
+# --------------------------------------------------------------------------------------- train
+def train(task: str, overrides: dict[str, str] | None = None, fold: int | None = None, model: str | None = None,
+          plan: str | None = None, resume: bool = True, tracking: str | None = None) -> Path:
+    """Train one fold of a task's generated bundle (``python -m monai.bundle run training`` underneath)."""
+    from planner.train import run_training
+
+    fold_dir = _run(run_training, task, fold=0 if fold is None else fold, overrides=overrides, model=model,
+                    plan=plan, resume=resume, tracking=tracking)
+    print(f"fold trained: {fold_dir}")
+    for name in ("model_last.pt", "model_best.pt", "train_log.json", "training_curves.png"):
+        if (fold_dir / name).is_file():
+            print(f"  {name:<20} {fold_dir / name}")
+    return fold_dir
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="nndet_train",
+        description="Train one fold of a planned task with its generated MONAI bundle (configs/train.json). "
+                    "A rerun resumes from fold<X>/model_last.pt.",
+        epilog="examples:\n  nndet_train 000 -o exp.fold=0\n  nndet_train 000 --plan D3V001CPU_3d -o epochs=10 "
+               "-o iterations=50 -o warmup=50 -o swa_epochs=2\n  nndet_train 101 -o exp.fold=3 -o lr=0.005 "
+               "--tracking mlflow",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", help="task id or name: 000, Task000 or Task000D3_Example")
+    p.add_argument("-o", "--overrides", action="append",
+                   help="key=value of configs/train.json ids, nnDetection's exp.fold=X included "
+                        "(epochs, iterations, warmup, swa_epochs, lr, batch_size, num_workers, amp, seed, ...)")
+    p.add_argument("--fold", type=int, default=None, help="fold index (same as -o exp.fold=X)")
+    p.add_argument("--plan", default=None, help="plan id, e.g. D3V001_3d, D3V001_3dlr1, D3V001CPU_3d (default: main plan)")
+    p.add_argument("--model", default=None, help="model folder under $det_models/<task> (instead of --plan)")
+    p.add_argument("--no_resume", action="store_true", help="start over even if fold<X>/model_last.pt exists")
+    p.add_argument("--tracking", default=None, help="experiment tracking through monai.bundle, e.g. mlflow "
+                   "(pip install 'nndet-monai[tracking]')")
+    a = p.parse_args(argv)
+    _setup_logging()
+    train(a.task, overrides=_parse_overrides(a.overrides), fold=a.fold, model=a.model, plan=a.plan,
+          resume=not a.no_resume, tracking=a.tracking)
 
 
 # -------------------------------------------------------------------------------------- unpack
@@ -182,9 +228,13 @@ def unpack_main(argv: list[str] | None = None) -> None:
 
 
 # ---------------------------------------------------------------------------------------- demo
-def demo(preset: str = "cpu", num_processes: int | None = None) -> None:
-    """The README's main job on the built-in toy data: example -> prep, then print the plan."""
-    from planner.dataset import DatasetError  # noqa: F401  (import check for a clean error path)
+# The demo's training schedule: short enough for a 2-core CPU (see README), long enough for the toy task.
+DEMO_SCHEDULE = {"epochs": 10, "iterations": 50, "warmup": 50, "swa_epochs": 2}
+
+
+def demo(preset: str = "cpu", num_processes: int | None = None, train_fold: bool = True) -> None:
+    """The README's main job on the built-in toy data: example -> prep (``cpu`` planner preset when the toy
+    preset is ``cpu``) -> training of fold 0 on a short schedule."""
     from planner.toy import generate_example
 
     _setup_logging()
@@ -196,20 +246,24 @@ def demo(preset: str = "cpu", num_processes: int | None = None) -> None:
         logger.info("toy task %s exists, reusing it", task_name)
     except FileNotFoundError:
         _run(generate_example, root, preset=preset, num_processes=nproc)
-    prep("000", num_processes=nproc, num_processes_preprocessing=nproc)
+    plan_preset = "cpu" if preset == "cpu" else "default"
+    result = prep("000", num_processes=nproc, num_processes_preprocessing=nproc, preset=plan_preset)
+    if train_fold:
+        train("000", overrides=dict(DEMO_SCHEDULE), fold=0, plan=result.plans[0].plan_id)
 
 
 # nndet <command> [args]: commands with nnDetection's flags (-np, -o key=value) go to their argparse
 # entry point; everything else (demo, API-style calls) goes through fire.
-ARGPARSE_COMMANDS = {"env": env_main, "example": example_main, "prep": prep_main, "unpack": unpack_main}
+ARGPARSE_COMMANDS = {"env": env_main, "example": example_main, "prep": prep_main, "unpack": unpack_main,
+                     "train": train_main}
 
 
 class _Umbrella:
     """nndet <command>: env, example, prep, unpack (same flags as nndet_<command>) and demo."""
 
-    def demo(self, preset: str = "cpu", num_processes: int | None = None):
-        """Run the main job on the toy data (what `make demo` runs)."""
-        demo(preset=preset, num_processes=num_processes)
+    def demo(self, preset: str = "cpu", num_processes: int | None = None, train: bool = True):
+        """Run the main job on the toy data (what `make demo` runs); --notrain stops after prep."""
+        demo(preset=preset, num_processes=num_processes, train_fold=train)
 
 
 def main(argv: list[str] | None = None) -> None:

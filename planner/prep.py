@@ -58,6 +58,7 @@ def run_prep(
     overwrite: bool = False,
     memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
     preprocess: bool = True,
+    preset: str = "default",
 ) -> PrepResult:
     """Run the whole preparation of a task (see module docstring).
 
@@ -70,7 +71,12 @@ def run_prep(
         overwrite: recompute stages whose outputs exist (otherwise they are reused).
         memory_budget_gb: GPU memory budget the planner fits the patch size to.
         preprocess: run the preprocessing stage (``False`` stops after planning and bundle generation).
+        preset: planner preset, ``default`` (nnDetection's network, plans ``D3V001_*``) or ``cpu`` (a narrow
+            network on small patches that trains on a few CPU cores, plans ``D3V001CPU_*``).
     """
+    from planner.plan.planner import preset_defaults, preset_planner_ids
+
+    preset_defaults(preset, 3)  # unknown preset: fail before any work
     paths.det_models()  # fail early (with the export line) before any work
     task_name = paths.resolve_task(task)
     task_root = paths.det_data() / task_name
@@ -98,13 +104,14 @@ def run_prep(
 
     pdir = plans_dir(task_root)
     plot_pool = plot_job = None
-    existing = sorted(pdir.glob("*.json")) if pdir.is_dir() else []
+    ids = preset_planner_ids(preset)
+    existing = [p for p in sorted(pdir.glob("*.json")) if p.stem.split("_")[0] in ids] if pdir.is_dir() else []
     if existing and not overwrite:
         logger.info("plans exist, reusing %s (overwrite to re-plan)", [p.name for p in existing])
         plans = [Plan.from_json(p) for p in existing]
         plans.sort(key=lambda p: (p.mode != "3d" and p.mode != "2d", p.mode))
     else:
-        plans = plan_task(fingerprint, dataset, memory_budget_bytes=int(memory_budget_gb * 2**30))
+        plans = plan_task(fingerprint, dataset, memory_budget_bytes=int(memory_budget_gb * 2**30), preset=preset)
         for plan in plans:
             plan.to_json(pdir / f"{plan.plan_id}.json")
         # plots render in a side process while bundles are generated and cases preprocessed

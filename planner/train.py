@@ -29,14 +29,33 @@ RUN_ID = "training"
 ALIASES = {"exp.fold": "fold", "exp_fold": "fold", "train.fold": "fold"}
 
 
-def main_plan(task_name: str) -> Plan:
-    """The plan trained by default: the full-resolution 3D plan (``3d``) or the 2D plan."""
+def task_plans(task_name: str) -> list[Plan]:
+    """All plans of a task (``$det_data/<task>/preprocessed/plans/*.json``)."""
     pdir = paths.det_data() / task_name / "preprocessed" / "plans"
     plans = [Plan.from_json(p) for p in sorted(pdir.glob("*.json"))] if pdir.is_dir() else []
     if not plans:
         raise FileNotFoundError(f"{pdir}: no plans; run `nndet_prep {task_name}` first")
-    main = [p for p in plans if p.mode in ("3d", "2d")]
-    return (main or plans)[0]
+    return plans
+
+
+def main_plan(task_name: str, plan_id: str | None = None) -> Plan:
+    """The plan to train: ``plan_id`` if given, else the full-resolution 3D (``3d``) or the 2D plan, the
+    default preset's before the ``cpu`` preset's when both exist."""
+    plans = task_plans(task_name)
+    if plan_id is not None:
+        match = [p for p in plans if p.plan_id == plan_id]
+        if not match:
+            raise FileNotFoundError(
+                f"task {task_name} has no plan {plan_id!r}; planned: {[p.plan_id for p in plans]} "
+                f"(`nndet_prep {task_name} --preset cpu` makes the D3V001CPU_* plans)"
+            )
+        return match[0]
+    main = sorted((p for p in plans if p.mode in ("3d", "2d")), key=lambda p: (p.planner_id.endswith("CPU"), p.plan_id))
+    chosen = (main or plans)[0]
+    if len(main) > 1:
+        logger.info("training plan %s (also planned: %s; choose with --plan)", chosen.plan_id,
+                    [p.plan_id for p in main[1:]])
+    return chosen
 
 
 def coerce(value: Any) -> Any:
@@ -71,10 +90,24 @@ def _fresh_scripts_import(bundle_dir: Path) -> None:
             del sys.modules[name]
 
 
-def bundle_for(task: str | int, model: str | None = None) -> Path:
-    """The generated bundle folder ``$det_models/<task>/<model>`` (default model: the main plan's)."""
+def check_override_ids(config_file: Path, overrides: dict[str, Any]) -> None:
+    """Refuse override keys that are not config ids of ``train.json`` (``monai.bundle run`` would silently add
+    them and train with the default instead)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    unknown = sorted(k for k in overrides if k not in parser)
+    if unknown:
+        top = sorted(k for k, v in parser.get().items() if not isinstance(v, (dict, list)) and not k.startswith("_"))
+        raise ValueError(f"unknown override(s) {unknown} for {config_file}; settable ids: {', '.join(top)} "
+                         "(nested ids with '#', e.g. train#trainer#max_epochs)")
+
+
+def bundle_for(task: str | int, model: str | None = None, plan: str | None = None) -> Path:
+    """The generated bundle folder ``$det_models/<task>/<model>`` (default: the main plan's, or ``plan``'s)."""
     task_name = paths.resolve_task(task)
-    model = model or main_plan(task_name).model_name
+    model = model or main_plan(task_name, plan).model_name
     bundle = paths.det_models() / task_name / model
     if not (bundle / TRAIN_CONFIG).is_file():
         raise FileNotFoundError(
@@ -90,6 +123,8 @@ def run_training(
     overrides: dict[str, Any] | None = None,
     model: str | None = None,
     resume: bool = True,
+    plan: str | None = None,
+    tracking: str | None = None,
 ) -> Path:
     """Train one fold of a task's generated bundle with ``monai.bundle.run`` and return the fold folder.
 
@@ -99,35 +134,44 @@ def run_training(
         overrides: config id -> value (strings from the CLI are parsed as JSON where they can be).
         model: model folder under ``$det_models/<task>`` (default: main plan's, e.g. RetinaUNetV001_D3V001_3d).
         resume: continue from ``fold<X>/model_last.pt`` when it exists (False starts over and replaces it).
+        plan: plan id (e.g. ``D3V001CPU_3d``) whose bundle to train, instead of ``model``.
+        tracking: ``monai.bundle`` experiment tracking (``"mlflow"``: MLflow handlers on trainer and validator).
 
     Returns:
         ``<bundle>/fold<X>`` with model_last.pt, model_best.pt, train_log.json, training_curves.png.
     """
     from monai.bundle import run
 
-    bundle = bundle_for(task, model)
+    bundle = bundle_for(task, model, plan)
+    if tracking is not None and tracking == "mlflow":
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            raise ValueError("--tracking mlflow needs the mlflow package: pip install 'nndet-monai[tracking]'")
     ov = normalise_overrides(overrides)
     ov.setdefault("fold", int(fold))
     ov["resume"] = bool(ov.get("resume", resume))
     fold = int(ov["fold"])
     fold_dir = bundle / f"fold{fold}"
     last = fold_dir / "model_last.pt"
+    check_override_ids(bundle / TRAIN_CONFIG, ov)
     if ov["resume"] and last.is_file():
         import torch
 
         state = torch.load(last, map_location="cpu", weights_only=True)
         if state.get("finished"):
-            logger.info("fold %d of %s is trained (%s, epoch %d); rerun with resume=False to train again",
+            logger.info("fold %d of %s is trained (%s, epoch %d); `--no_resume` (API: resume=False) trains it again",
                         fold, bundle.name, last, state.get("epoch", -1))
             return fold_dir
     # splits exist before the run starts (created once, deterministic), so a bad file fails early
     from bundles.retinaunet_template.scripts.trainer import fold_data
 
-    plan = Plan.from_json(bundle / "configs" / "plan.json")
-    fold_data(paths.resolve_task(task), plan.plan_id, fold, ov.get("data_root"), ov.get("splits_file"),
+    bundle_plan = Plan.from_json(bundle / "configs" / "plan.json")
+    fold_data(paths.resolve_task(task), bundle_plan.plan_id, fold, ov.get("data_root"), ov.get("splits_file"),
               int(ov.get("num_folds", 5)))
     _fresh_scripts_import(bundle)
     logger.info("training %s fold %d (overrides %s)", bundle, fold, ov)
+    extra = {"tracking": tracking} if tracking else {}
     run(run_id=RUN_ID, config_file=str(bundle / TRAIN_CONFIG), meta_file=str(bundle / META_FILE),
-        logging_file=False, bundle_root=str(bundle), **ov)
+        logging_file=False, bundle_root=str(bundle), **extra, **ov)
     return fold_dir

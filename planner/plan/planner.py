@@ -38,6 +38,7 @@ class ArchDefaults:
     min_feature_map_size: int
     num_decoder_levels: int
     min_decoder_level: int = 2
+    max_patch_voxels: int | None = None  # compute cap of a preset (None: only the memory budget limits)
 
     @property
     def fpn_channels(self) -> int:
@@ -50,6 +51,33 @@ DEFAULTS_3D = ArchDefaults(batch_size=4, start_channels=32, max_channels=320, mi
 # nnU-Net's 2D networks and nnDetection's BoxC001 for dim 2.
 DEFAULTS_2D = ArchDefaults(batch_size=16, start_channels=48, max_channels=480, min_feature_map_size=8,
                            num_decoder_levels=5)
+
+
+# Presets (as nnU-Net's ResEnc M/L/XL): each only changes widths and a compute cap, the rules stay the same.
+# ``cpu`` is for training on a few CPU cores (README demo, CI, trying a task on a laptop): a quarter of the
+# channels (~1/16 of the conv work per voxel) and patches of at most 32^3 (3D) / 128^2 (2D) voxels. On the
+# toy task a training step then takes ~0.6 s on 2 cores instead of ~35 s with the default plan. Its plans
+# get their own planner id (``D3V001CPU_3d``) so they never mix with nnDetection's.
+PRESETS: dict[str, dict[int, ArchDefaults]] = {
+    "default": {3: DEFAULTS_3D, 2: DEFAULTS_2D},
+    "cpu": {
+        3: dataclasses.replace(DEFAULTS_3D, start_channels=8, max_channels=80, max_patch_voxels=32**3),
+        2: dataclasses.replace(DEFAULTS_2D, start_channels=12, max_channels=120, max_patch_voxels=128**2),
+    },
+}
+PRESET_SUFFIX = {"default": "", "cpu": "CPU"}
+
+
+def preset_defaults(preset: str, dim: int) -> ArchDefaults:
+    """Architecture defaults of a planner preset (``default`` = nnDetection's, ``cpu``)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown planner preset {preset!r}: use one of {sorted(PRESETS)}")
+    return PRESETS[preset][dim]
+
+
+def preset_planner_ids(preset: str) -> set[str]:
+    """Planner ids a preset's plans carry (e.g. ``{"D3V001CPU", "D2V001CPU"}``)."""
+    return {rules.PLANNER_ID_3D + PRESET_SUFFIX[preset], rules.PLANNER_ID_2D + PRESET_SUFFIX[preset]}
 
 
 def _architecture(defaults: ArchDefaults, dim: int, in_channels: int, num_classes: int, topo: Topology,
@@ -95,7 +123,8 @@ def fit_patch(
         topo = plan_topology(spacing_transposed, patch, defaults.min_feature_map_size)
         arch = _architecture(defaults, dim, in_channels, num_classes, topo, class_weight)
         mem = memory_breakdown(arch, topo.patch_size, defaults.batch_size, anchors_per_location)
-        if mem["total"] <= memory_budget_bytes:
+        capped = defaults.max_patch_voxels is not None and int(np.prod(topo.patch_size)) > defaults.max_patch_voxels
+        if mem["total"] <= memory_budget_bytes and not capped:
             return arch, topo.patch_size, mem, steps, True
         smaller = rules.decrease_patch_size(topo.patch_size, median_shape_transposed, topo.strides,
                                             topo.must_be_divisible_by, defaults.min_feature_map_size)
@@ -119,10 +148,11 @@ def _intensity_properties(fp: Fingerprint, num_modalities: int) -> list[dict[str
 
 
 def _plan_one(fp: Fingerprint, dataset: DatasetInfo, spacing: np.ndarray, mode: str, planner_id: str,
-              memory_budget_bytes: int, notes: list[str]) -> tuple[Plan, np.ndarray]:
+              memory_budget_bytes: int, notes: list[str], preset: str = "default") -> tuple[Plan, np.ndarray]:
     """One plan at ``spacing`` (raw order); also returns the transposed GT box sizes at that spacing."""
     dim = fp.dim
-    defaults = DEFAULTS_3D if dim == 3 else DEFAULTS_2D
+    defaults = preset_defaults(preset, dim)
+    planner_id = planner_id + PRESET_SUFFIX[preset]
     spacings, shapes = fp.spacings, fp.shapes_after_crop
     forward, backward = rules.transpose_axes(spacing)
     notes = list(notes)
@@ -139,8 +169,12 @@ def _plan_one(fp: Fingerprint, dataset: DatasetInfo, spacing: np.ndarray, mode: 
 
     arch, patch, mem, steps, fits = fit_patch(spacing_t, median_t, defaults, dim, len(modality_names),
                                               num_classes, weights, memory_budget_bytes)
+    if preset != "default":
+        notes.append(f"preset {preset}: start channels {defaults.start_channels}, patch <= "
+                     f"{defaults.max_patch_voxels} voxels")
     if steps:
-        notes.append(f"patch shrunk in {steps} step(s) to fit {memory_budget_bytes / 2**30:.2f} GiB")
+        notes.append(f"patch shrunk in {steps} step(s) to fit {memory_budget_bytes / 2**30:.2f} GiB"
+                     + (f" and the {preset} preset's patch cap" if defaults.max_patch_voxels else ""))
     if not fits:
         notes.append(f"WARNING: smallest patch {patch} still needs {mem['total'] / 2**30:.2f} GiB, "
                      f"more than the budget {memory_budget_bytes / 2**30:.2f} GiB")
@@ -178,18 +212,21 @@ def _plan_one(fp: Fingerprint, dataset: DatasetInfo, spacing: np.ndarray, mode: 
 
 
 def plan_task(fingerprint: Fingerprint, dataset: DatasetInfo,
-              memory_budget_bytes: int = DEFAULT_BUDGET_BYTES) -> list[Plan]:
+              memory_budget_bytes: int = DEFAULT_BUDGET_BYTES, preset: str = "default") -> list[Plan]:
     """Plan a task: the main plan first, then the low-resolution plan if it is triggered.
 
     Args:
         fingerprint: the task's fingerprint (cropped shapes, spacings, boxes, intensities).
         dataset: the task's dataset.json view (modalities, labels).
         memory_budget_bytes: GPU memory the training step must fit (default nnDetection's 11 GB card).
+        preset: ``default`` (nnDetection's network) or ``cpu`` (narrow network, small patches; see PRESETS).
 
     Returns:
-        ``[D3V001_3d]`` or ``[D3V001_3d, D3V001_3dlr1]`` for 3D tasks, ``[D2V001_2d]`` for 2D tasks.
+        ``[D3V001_3d]`` or ``[D3V001_3d, D3V001_3dlr1]`` for 3D tasks, ``[D2V001_2d]`` for 2D tasks
+        (``D3V001CPU_3d`` ... with the ``cpu`` preset).
     """
     fp = fingerprint
+    preset_defaults(preset, 3)  # unknown preset: fail before any work
     if not fp.cases:
         raise ValueError(
             f"task {fp.task}: the fingerprint has no training cases; check raw_splitted/imagesTr "
@@ -200,10 +237,10 @@ def plan_task(fingerprint: Fingerprint, dataset: DatasetInfo,
     spacing, note = rules.target_spacing(fp.spacings, fp.shapes_after_crop)
     notes = [note] if note else []
     if fp.dim == 2:
-        plan, _ = _plan_one(fp, dataset, spacing, "2d", rules.PLANNER_ID_2D, memory_budget_bytes, notes)
+        plan, _ = _plan_one(fp, dataset, spacing, "2d", rules.PLANNER_ID_2D, memory_budget_bytes, notes, preset)
         return [plan]
 
-    main, sizes_t = _plan_one(fp, dataset, spacing, "3d", rules.PLANNER_ID_3D, memory_budget_bytes, notes)
+    main, sizes_t = _plan_one(fp, dataset, spacing, "3d", rules.PLANNER_ID_3D, memory_budget_bytes, notes, preset)
     if not rules.trigger_lowres(sizes_t, main.patch_size):
         return [main]
     size = np.percentile(sizes_t, rules.LOWRES_BOX_PERCENTILE, axis=0)
@@ -213,6 +250,6 @@ def plan_task(fingerprint: Fingerprint, dataset: DatasetInfo,
     main = dataclasses.replace(main, trigger_lr=True, notes=[*main.notes, why])
     lr_spacing = rules.lowres_spacing(spacing, 1)
     lr, _ = _plan_one(fp, dataset, lr_spacing, "3dlr1", rules.PLANNER_ID_3D, memory_budget_bytes,
-                      [*notes, f"low-resolution plan: target spacing x {rules.LOWRES_DOWNSCALE}"])
+                      [*notes, f"low-resolution plan: target spacing x {rules.LOWRES_DOWNSCALE}"], preset)
     return [main, lr]
 

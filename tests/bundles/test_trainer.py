@@ -167,6 +167,13 @@ def test_patch_metrics_perfect_none_and_missing_class():
     # shifted by 3 voxels: IoU = 3^3 / (2 * 6^3 - 3^3) = 0.067 < 0.1 -> a false positive and a miss
     wrong = [dict(perfect[0], boxes=_box(5, 5, 5, 11, 11, 11)), perfect[1]]
     assert patch_detection_metrics(wrong, gts, ["a", "b"])[KEY_METRIC] == pytest.approx(0.0)
+    # false positives of class b, which has no box in these patches, next to two found boxes of class a: the
+    # mean is class a's AP (it was 0.0, MONAI's mean of a's 1.0 and b's -1, found in a toy training run)
+    two = [{"boxes": np.concatenate([_box(2, 2, 2, 8, 8, 8), _box(10, 10, 10, 14, 14, 14)]), "scores": np.array([0.9, 0.5]),
+            "labels": np.array([0, 1])} for _ in range(2)]
+    m = patch_detection_metrics(two, [gts[0], gts[0]], ["a", "b"])
+    assert m[KEY_METRIC] == pytest.approx(1.0) and m["AP_IoU_0.10_MaxDet_100"] == pytest.approx(1.0)
+    assert not any(k.startswith("b_") for k in m)
 
 
 # --------------------------------------------------------------------------- resume (tiny workflow)

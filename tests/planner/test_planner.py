@@ -195,3 +195,28 @@ def test_no_cases_is_an_error():
                      intensity=[], num_instances={})
     with pytest.raises(ValueError, match="no training cases"):
         plan_task(fp, DatasetInfo(task="Task999_Synth", dim=3, labels={"0": "a"}, modalities={"0": "CT"}))
+
+
+def test_cpu_preset_narrows_the_network_and_caps_the_patch(toy):
+    fp, ds, default = toy
+    (cpu,) = plan_task(fp, ds, preset="cpu")
+    d = default[0]
+    assert cpu.plan_id == "D3V001CPU_3d" and cpu.model_name == "RetinaUNetV001_D3V001CPU_3d"
+    assert cpu.architecture.start_channels == d.architecture.start_channels // 4
+    assert cpu.architecture.fpn_channels == d.architecture.fpn_channels // 4
+    assert int(np.prod(cpu.patch_size)) <= 32**3 < int(np.prod(d.patch_size))
+    # the rules stay the same: spacing, normalisation, anchors over the same boxes
+    assert cpu.target_spacing == d.target_spacing and cpu.normalization_schemes == d.normalization_schemes
+    assert len(cpu.anchors.sizes) == len(cpu.architecture.decoder_levels)
+    assert cpu.anchors.mean_best_iou > 0.7
+    assert any("preset cpu" in n for n in cpu.notes)
+
+
+def test_cpu_preset_2d_and_unknown_preset():
+    rng = np.random.default_rng(3)
+    fp, ds = _fingerprint([[1.0, 1.0]] * 6, [[256, 256]] * 6,
+                          [[[*s, *(np.array(s) + 20)] for s in rng.integers(0, 200, (2, 2)).tolist()] for _ in range(6)])
+    (plan,) = plan_task(fp, ds, preset="cpu")
+    assert plan.plan_id == "D2V001CPU_2d" and int(np.prod(plan.patch_size)) <= 128**2
+    with pytest.raises(ValueError, match="unknown planner preset 'gpu'"):
+        plan_task(fp, ds, preset="gpu")

@@ -265,13 +265,19 @@ def patch_detection_metrics(
         gt_classes=[np.asarray(t["labels"]).astype(int) for t in targets],
         max_detections=100,
     )
-    values = {k: float(v) for k, v in coco(results)[0].items() if np.isfinite(v) and v >= 0}
-    # MONAI leaves the class means undefined when a class has no box in these patches; nnDetection averages
-    # over the classes that have one (values > -1): do the same
-    for key in {k[len(n) + 1:] for k in values for n in names if k.startswith(f"{n}_")}:
-        per_class = [values[f"{n}_{key}"] for n in names if f"{n}_{key}" in values]
-        if key not in values and per_class:
+    raw = {k: float(v) for k, v in coco(results)[0].items()}
+    # Class means over the classes that have a box in these patches only. MONAI (like nnDetection's
+    # evaluator) lets a class without ground truth enter the mean as -1 or 0 (0 when it has detections), which
+    # over a handful of validation patches, where a class is often absent, would rank checkpoints by chance.
+    present = {names[c] for t in targets for c in np.asarray(t["labels"]).astype(int).reshape(-1)}
+    values = {k: v for k, v in raw.items() if np.isfinite(v) and v >= 0
+              and not any(k.startswith(f"{n}_") for n in names if n not in present)}
+    for key in {k[len(n) + 1:] for k in raw for n in names if k.startswith(f"{n}_")}:
+        per_class = [values[f"{n}_{key}"] for n in names if n in present and f"{n}_{key}" in values]
+        if per_class:
             values[key] = float(np.mean(per_class))
+        else:
+            values.pop(key, None)
     return values
 
 
