@@ -221,3 +221,23 @@ def test_2d_plan_bundle(tmp_path):
     chain = load_preprocessing(out)
     res = chain({"image": np.ones((1, 10, 14), np.float32), "spacing": [1.0, 1.0]})
     assert res["image"].shape == (1, 20, 20)
+
+
+def test_train_config_lists_nndetection_schedule_and_augmentation(bundle, plan, monkeypatch):
+    import sys
+
+    monkeypatch.syspath_prepend(str(bundle))  # as `monai.bundle run` does: the bundle's scripts/ package
+    for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
+        monkeypatch.delitem(sys.modules, name)
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser["bundle_root"] = str(bundle)
+    # SPEC section 7 defaults, readable (and overridable) as config ids
+    assert [parser[k] for k in ("epochs", "swa_epochs", "iterations", "warmup", "lr", "weight_decay")] == [
+        50, 10, 2500, 4000, 0.01, 3e-05]
+    assert parser["batch_size"] == plan.batch_size and parser["patch_size"] == plan.patch_size
+    aug = parser.get_parsed_content("train#augmentation")
+    assert (aug.p_rotation, aug.rotation_deg, aug.p_scale, aug.scale_range) == (0.2, 30.0, 0.2, (0.7, 1.4))
+    assert (aug.p_noise, aug.p_blur, aug.p_brightness, aug.p_contrast, aug.p_gamma_inverted, aug.p_gamma) == (
+        0.1, 0.2, 0.15, 0.15, 0.1, 0.3)
+    assert aug.dim == plan.dim

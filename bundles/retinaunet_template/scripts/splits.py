@@ -59,7 +59,7 @@ def make_splits(
     if len(ids) < num_folds:
         raise ValueError(
             f"make_splits: {len(ids)} case(s) cannot be split into {num_folds} folds; "
-            "use fewer folds (-o exp.num_folds=...) or add cases"
+            "use fewer folds (-o num_folds=...) or add cases"
         )
     order = np.random.default_rng(seed).permutation(len(ids))
     sizes = np.full(num_folds, len(ids) // num_folds)
