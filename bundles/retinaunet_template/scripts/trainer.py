@@ -495,10 +495,10 @@ def plot_training_curves(entries: Sequence[dict], path: str | os.PathLike, key_m
     for key, color in ((key_metric, "tab:green"), ("AP_IoU_0.10_MaxDet_100", "tab:olive"), ("seg_dice", "tab:red")):
         ax2.plot(epochs, [e.get(key, np.nan) for e in entries], ":", color=color, marker=".", label=key)
     ax2.set_ylabel("validation metric")
-    ax2.set_ylim(0, 1)
+    ax2.set_ylim(0, 1.05)
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
-    ax.legend(lines, labels, loc="upper center", fontsize=7, ncol=3)
+    ax.legend(lines, labels, loc="center right", fontsize=7, ncol=1, framealpha=0.8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
