@@ -208,10 +208,19 @@ def train_main(argv: list[str] | None = None) -> None:
     p.add_argument("--no_resume", action="store_true", help="start over even if fold<X>/model_last.pt exists")
     p.add_argument("--tracking", default=None, help="experiment tracking through monai.bundle, e.g. mlflow "
                    "(pip install 'nndet-monai[tracking]')")
+    p.add_argument("--sweep", action="store_true", help="after training: predict the fold's validation cases, "
+                   "sweep the postprocessing parameters and evaluate (nndet_sweep + nndet_eval)")
     a = p.parse_args(argv)
     _setup_logging()
-    train(a.task, overrides=_parse_overrides(a.overrides), fold=a.fold, model=a.model, plan=a.plan,
-          resume=not a.no_resume, tracking=a.tracking)
+    fold_dir = train(a.task, overrides=_parse_overrides(a.overrides), fold=a.fold, model=a.model, plan=a.plan,
+                     resume=not a.no_resume, tracking=a.tracking)
+    if a.sweep:
+        from planner.infer import evaluate_fold, sweep_fold
+
+        fold = int(fold_dir.name[4:])
+        res = _run(sweep_fold, a.task, fold, model=fold_dir.parent.name)
+        print(f"sweep: {res.metric} {res.default_score:.4f} -> {res.score:.4f} with {res.params}")
+        _print_metrics(_run(evaluate_fold, a.task, fold, model=fold_dir.parent.name), fold_dir / "val_results")
 
 
 # -------------------------------------------------------------------------------------- unpack
@@ -225,6 +234,82 @@ def unpack_main(argv: list[str] | None = None) -> None:
     from planner.preprocess.run import unpack
 
     _run(unpack, Path(a.path) if a.path else None)
+
+
+# ------------------------------------------------------------------------- sweep, eval, predict
+def _model_and_fold(model: str | None, fold: str | None) -> tuple[str | None, int]:
+    """nnDetection's ``TASK MODEL FOLD`` with MODEL optional: ``nndet_sweep 000 0`` means fold 0."""
+    if model is not None and fold is None and model.lstrip("-").isdigit():
+        return None, int(model)
+    return model, int(fold) if fold is not None else 0
+
+
+def _print_metrics(metrics: dict[str, float], out: Path) -> None:
+    keys = ["AP_IoU_0.10_MaxDet_100", "mAP_IoU_0.10_0.50_0.05_MaxDet_100", "AP_IoU_0.50_MaxDet_100",
+            "FROC_score_IoU_0.10", "AR_IoU_0.10_MaxDet_100"]
+    print("\n| metric | value |\n|---|---|")
+    for k in keys:
+        if k in metrics:
+            print(f"| {k} | {metrics[k]:.4f} |")
+    print(f"\nall metrics: {out / 'results_boxes.json'}\nplots:       {out}/*.png, {out}/examples/")
+
+
+def _infer_parser(prog: str, description: str, fold: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("task", help="task id or name: 000, Task000 or Task000D3_Example")
+    p.add_argument("model", nargs="?", default=None, help="model folder, e.g. RetinaUNetV001_D3V001_3d (default: main plan)")
+    if fold:
+        p.add_argument("fold", nargs="?", default=None, help="fold (default 0)")
+    p.add_argument("--plan", default=None, help="plan id instead of MODEL, e.g. D3V001CPU_3d")
+    p.add_argument("--num_tta", type=int, default=None, help="mirror TTA transforms: 1 (none), 4 or 8 (3D only); default 8 in 3D, 4 in 2D")
+    p.add_argument("--overwrite", action="store_true", help="recompute existing predictions")
+    return p
+
+
+def sweep_main(argv: list[str] | None = None) -> None:
+    p = _infer_parser("nndet_sweep", "Predict a fold's validation cases (raw, once) and sweep the postprocessing "
+                      "parameters (nnDetection's coordinate search) -> fold<X>/sweep/params.json + sweep.png")
+    a = p.parse_args(argv)
+    _setup_logging()
+    from planner.infer import sweep_fold
+
+    model, fold = _model_and_fold(a.model, a.fold)
+    res = _run(sweep_fold, a.task, fold, model=model, plan=a.plan, num_tta=a.num_tta, overwrite=a.overwrite)
+    print(f"sweep fold {fold}: {res.metric} {res.default_score:.4f} (defaults) -> {res.score:.4f}\nparams {res.params}")
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    p = _infer_parser("nndet_eval", "Box metrics (nnDetection's results_boxes.json keys) of a fold's validation "
+                      "cases, or with --test of the test predictions, plus FROC/PR/score/size plots")
+    p.add_argument("--test", action="store_true", help="evaluate test_predictions against raw_splitted/labelsTs")
+    p.add_argument("--no_plots", action="store_true")
+    a = p.parse_args(argv)
+    _setup_logging()
+    from planner.infer import evaluate_fold, evaluate_test
+    from planner.train import bundle_for
+
+    model, fold = _model_and_fold(a.model, a.fold)
+    if a.test:
+        metrics = _run(evaluate_test, a.task, model=model, plan=a.plan, plots=not a.no_plots)
+        out = bundle_for(a.task, model, a.plan) / "test_results"
+    else:
+        metrics = _run(evaluate_fold, a.task, fold, model=model, plan=a.plan, plots=not a.no_plots)
+        out = bundle_for(a.task, model, a.plan) / f"fold{fold}" / "val_results"
+    _print_metrics(metrics, out)
+
+
+def predict_main(argv: list[str] | None = None) -> None:
+    p = _infer_parser("nndet_predict", "Predict the preprocessed test cases (imagesTs) with the ensemble of trained "
+                      "folds -> <bundle>/test_predictions/<case>_boxes.json (original voxels + world mm)", fold=False)
+    p.add_argument("--fold", type=int, default=-1, help="-1: every trained fold (ensemble); else that fold only")
+    a = p.parse_args(argv)
+    _setup_logging()
+    from planner.infer import predict_test
+
+    folds = None if a.fold == -1 else [a.fold]
+    out = _run(predict_test, a.task, model=a.model, plan=a.plan, folds=folds, num_tta=a.num_tta,
+               overwrite=a.overwrite)
+    print(f"predictions: {out}")
 
 
 # ---------------------------------------------------------------------------------------- demo
@@ -255,7 +340,7 @@ def demo(preset: str = "cpu", num_processes: int | None = None, train_fold: bool
 # nndet <command> [args]: commands with nnDetection's flags (-np, -o key=value) go to their argparse
 # entry point; everything else (demo, API-style calls) goes through fire.
 ARGPARSE_COMMANDS = {"env": env_main, "example": example_main, "prep": prep_main, "unpack": unpack_main,
-                     "train": train_main}
+                     "train": train_main, "sweep": sweep_main, "eval": eval_main, "predict": predict_main}
 
 
 class _Umbrella:

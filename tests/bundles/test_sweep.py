@@ -37,10 +37,15 @@ def test_each_parameter_is_set_to_the_argmax_given_the_earlier_choices():
     assert res.default_score == f({"a": 1, "b": 0})
 
 
-def test_ties_keep_the_first_value_and_nan_loses():
+def test_ties_keep_the_current_value_then_the_first_and_nan_loses():
     res = coordinate_search(lambda p: {0: 0.5, 1: 0.5, 2: float("nan")}[p["x"]], {"x": [2, 0, 1]}, start={"x": 2})
     assert res.params["x"] == 0 and res.score == 0.5
     assert res.curves["x"][0][1] == -math.inf
+    # every value scores the same: the starting value stays (nnDetection would take the first, 1e-5)
+    flat = coordinate_search(lambda p: 1.0)
+    assert flat.params == DEFAULT_PARAMS
+    res = coordinate_search(lambda p: {0: 0.5, 1: 0.5, 2: 0.1}[p["x"]], {"x": [2, 0, 1]}, start={"x": 1})
+    assert res.params["x"] == 1
 
 
 def test_each_distinct_parameter_set_is_evaluated_once():

@@ -91,3 +91,43 @@ def test_cli_train_of_a_finished_fold_prints_its_outputs(trained, capsys):
     cli.main(["train", "000", "--plan", PLAN, "-o", "exp.fold=0"])
     out = capsys.readouterr().out
     assert str(trained) in out and "model_best.pt" in out and "training_curves.png" in out
+
+
+def test_sweep_eval_predict_and_test_eval_through_the_cli(trained, capsys):
+    """The chain after training: nndet_sweep -> nndet_eval -> nndet_predict -> nndet_eval --test."""
+    import numpy as np
+
+    from planner import cli
+
+    cli.main(["sweep", "000", "0", "--plan", PLAN, "--num_tta", "4"])
+    params = json.loads((trained / "sweep" / "params.json").read_text())
+    assert set(params["params"]) == {"model_iou", "model_nms", "ensemble_iou", "model_score_thresh", "remove_small_boxes"}
+    assert params["score"] >= params["default_score"] and (trained / "sweep" / "sweep.png").is_file()
+    raws = sorted((trained / "sweep_predictions").glob("*_raw.npz"))
+    assert len(raws) == 2  # the fold's validation cases
+
+    cli.main(["eval", "000", "0", "--plan", PLAN])
+    results = json.loads((trained / "val_results" / "results_boxes.json").read_text())
+    for key in ("AP_IoU_0.10_MaxDet_100", "mAP_IoU_0.10_0.50_0.05_MaxDet_100", "FROC_score_IoU_0.10"):
+        assert -1.0 <= results[key] <= 1.0, key
+    assert (trained / "val_results" / "FROC.png").is_file() and list((trained / "val_results" / "examples").glob("*.png"))
+    assert "| AP_IoU_0.10_MaxDet_100 |" in capsys.readouterr().out
+
+    cli.main(["predict", "000", "--plan", PLAN, "--num_tta", "4"])
+    preds = sorted((trained.parent / "test_predictions").glob("*_boxes.json"))
+    assert [p.name for p in preds] == ["case_8_boxes.json", "case_9_boxes.json"]
+    d = json.loads(preds[0].read_text())
+    voxel, world = np.asarray(d["boxes"]).reshape(-1, 6), np.asarray(d["boxes_world_mm"]).reshape(-1, 6)
+    assert len(voxel) == len(d["scores"]) == len(d["class_names"]) > 0
+    # toy images have an identity affine: world = voxel edges (index - 0.5)
+    np.testing.assert_allclose(world, voxel - 0.5, atol=1e-6)
+    assert (voxel[:, :3] >= 0).all() and (voxel[:, 3:] <= 32).all()
+
+    cli.main(["eval", "000", "--plan", PLAN, "--test"])
+    test_results = json.loads((trained.parent / "test_results" / "results_boxes.json").read_text())
+    # two test cases: a class without objects there enters the class mean as -1 (nnDetection's convention);
+    # the per-class values of the classes present are proper APs
+    assert -1.0 <= test_results["AP_IoU_0.10_MaxDet_100"] <= 1.0
+    per_class = [v for k, v in test_results.items() if k.endswith("_AP_IoU_0.10_MaxDet_100") and v >= 0]
+    assert per_class and all(v <= 1.0 for v in per_class)
+    assert 0.0 <= test_results["FROC_score_IoU_0.10"] <= 1.0

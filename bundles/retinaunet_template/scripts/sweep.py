@@ -1,8 +1,10 @@
 """Empirical postprocessing sweep (SPEC section 9): coordinate search over the box-merging parameters.
 
 nnDetection's ``BoxSweeper``: start from the defaults; for each parameter in a fixed order, evaluate every
-value of its range with the other parameters at their current best, keep the argmax (the first value on
-ties), go to the next parameter. One pass, no restarts. The objective is
+value of its range with the other parameters at their current best, keep the argmax, go to the next
+parameter. On ties we keep the current value (nnDetection's ``argmax`` takes the first value of the range,
+so a fold where every setting scores the same moves e.g. ``model_iou`` from 0.1 to 1e-5 for nothing); among
+other tied values the earliest wins. One pass, no restarts. The objective is
 ``mAP_IoU_0.10_0.50_0.05_MaxDet_100`` on the fold's validation cases, computed from raw per-member
 predictions stored once, so the network never runs again during the sweep.
 
@@ -92,7 +94,7 @@ def coordinate_search(
         progress: show a tqdm bar over the evaluations.
 
     Returns:
-        :class:`SweepResult`; ties keep the earliest value in the range.
+        :class:`SweepResult`; ties keep the current value, else the earliest value in the range.
     """
     space = dict(SWEEP_SPACE if space is None else space)
     current = dict(DEFAULT_PARAMS if start is None else start)
@@ -124,8 +126,10 @@ def coordinate_search(
             curve.append((value, score_of({**current, name: value})))
             if bar is not None:
                 bar.update(1)
-        best_value, best = curve[0]
-        for value, score in curve[1:]:
+        # ties keep the current value (then the earliest): a parameter moves only for a real gain
+        best_value = current[name]
+        best = dict((repr(v), sc) for v, sc in curve).get(repr(best_value), -math.inf)
+        for value, score in curve:
             if score > best:
                 best_value, best = value, score
         current[name] = best_value
