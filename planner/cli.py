@@ -319,7 +319,8 @@ DEMO_SCHEDULE = {"epochs": 10, "iterations": 50, "warmup": 50, "swa_epochs": 2}
 
 def demo(preset: str = "cpu", num_processes: int | None = None, train_fold: bool = True) -> None:
     """The README's main job on the built-in toy data: example -> prep (``cpu`` planner preset when the toy
-    preset is ``cpu``) -> training of fold 0 on a short schedule."""
+    preset is ``cpu``) -> training of fold 0 on a short schedule -> sweep -> validation metrics -> test
+    predictions -> test metrics (printed as a table, with the paths of the plots)."""
     from planner.toy import generate_example
 
     _setup_logging()
@@ -333,8 +334,19 @@ def demo(preset: str = "cpu", num_processes: int | None = None, train_fold: bool
         _run(generate_example, root, preset=preset, num_processes=nproc)
     plan_preset = "cpu" if preset == "cpu" else "default"
     result = prep("000", num_processes=nproc, num_processes_preprocessing=nproc, preset=plan_preset)
-    if train_fold:
-        train("000", overrides=dict(DEMO_SCHEDULE), fold=0, plan=result.plans[0].plan_id)
+    if not train_fold:
+        return
+    plan_id = result.plans[0].plan_id
+    fold_dir = train("000", overrides=dict(DEMO_SCHEDULE), fold=0, plan=plan_id)
+    from planner.infer import evaluate_fold, evaluate_test, predict_test, sweep_fold
+
+    res = _run(sweep_fold, "000", 0, plan=plan_id)
+    print(f"sweep fold 0: {res.metric} {res.default_score:.4f} (defaults) -> {res.score:.4f}, params {res.params}")
+    print("\n== validation (fold 0) ==")
+    _print_metrics(_run(evaluate_fold, "000", 0, plan=plan_id), fold_dir / "val_results")
+    _run(predict_test, "000", plan=plan_id, folds=[0])
+    print("\n== test set (imagesTs vs labelsTs) ==")
+    _print_metrics(_run(evaluate_test, "000", plan=plan_id), fold_dir.parent / "test_results")
 
 
 # nndet <command> [args]: commands with nnDetection's flags (-np, -o key=value) go to their argparse
