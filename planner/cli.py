@@ -337,7 +337,7 @@ def demo(preset: str = "cpu", num_processes: int | None = None, train_fold: bool
     if not train_fold:
         return
     plan_id = result.plans[0].plan_id
-    fold_dir = train("000", overrides=dict(DEMO_SCHEDULE), fold=0, plan=plan_id)
+    fold_dir = train("000", overrides={**DEMO_SCHEDULE, "num_workers": nproc}, fold=0, plan=plan_id)
     from planner.infer import evaluate_fold, evaluate_test, predict_test, sweep_fold
 
     res = _run(sweep_fold, "000", 0, plan=plan_id)
