@@ -4,6 +4,9 @@ multi-modal multi-class 3D task and a low-resolution plan (a few steps each on t
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -34,11 +37,19 @@ def _check_fold(fold_dir, in_channels: int, dim: int) -> None:
     assert len(log) == 2 and all(np.isfinite(e["train_loss"]) and np.isfinite(e["val_loss"]) for e in log)
 
 
-def test_2d_task_trains(env):
+def test_2d_task_trains_with_nndet_train_and_with_monai_bundle_run(env):
     task = generate_example(env, preset="cpu", num_train=5, num_test=1, size=64, dim=2)
     (plan,) = run_prep(task.name, preset="cpu").plans
     assert plan.plan_id == "D2V001CPU_2d"
-    _check_fold(run_training(task.name, fold=0, overrides=SMOKE, plan=plan.plan_id), in_channels=1, dim=2)
+    fold0 = run_training(task.name, fold=0, overrides=SMOKE, plan=plan.plan_id)
+    _check_fold(fold0, in_channels=1, dim=2)
+    # the README's equivalent command, run in the bundle folder as a user would
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
+           "--meta_file", "configs/metadata.json", "--bundle_root", ".", "--fold", "1",
+           *[x for k, v in SMOKE.items() for x in (f"--{k}", str(v))]]
+    done = subprocess.run(cmd, cwd=fold0.parent, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _check_fold(fold0.parent / "fold1", in_channels=1, dim=2)
 
 
 def test_multimodal_multiclass_task_trains(env):
