@@ -352,7 +352,8 @@ def demo(preset: str = "cpu", num_processes: int | None = None, train_fold: bool
 # nndet <command> [args]: commands with nnDetection's flags (-np, -o key=value) go to their argparse
 # entry point; everything else (demo, API-style calls) goes through fire.
 ARGPARSE_COMMANDS = {"env": env_main, "example": example_main, "prep": prep_main, "unpack": unpack_main,
-                     "train": train_main, "sweep": sweep_main, "eval": eval_main, "predict": predict_main}
+                     "train": train_main, "sweep": sweep_main, "eval": eval_main, "predict": predict_main,
+                     "consolidate": lambda argv: consolidate_main(argv), "boxes2nii": lambda argv: boxes2nii_main(argv)}
 
 
 class _Umbrella:
@@ -375,3 +376,57 @@ def main(argv: list[str] | None = None) -> None:
     import fire
 
     fire.Fire(_Umbrella, command=argv, name="nndet")
+
+
+# ---------------------------------------------------------------------------------- consolidate
+def consolidate_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="nndet_consolidate",
+        description="Consolidate the trained folds of a task into one self-contained inference bundle "
+                    "<bundle>/consolidated/ (configs/inference.json, metadata.json, models/model_fold<X>.pt, docs/)",
+        epilog="example:\n  nndet_consolidate 000 --num_folds 5\n  cd $det_models/Task000D3_Example/"
+               "RetinaUNetV001_D3V001_3d/consolidated && python -m monai.bundle run --config_file "
+               "configs/inference.json --meta_file configs/metadata.json --bundle_root . --input_dir IN --output_dir OUT",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", help="task id or name: 000, Task000 or Task000D3_Example")
+    p.add_argument("model", nargs="?", default=None, help="model folder, e.g. RetinaUNetV001_D3V001_3d (default: main plan)")
+    p.add_argument("--plan", default=None, help="plan id instead of MODEL, e.g. D3V001CPU_3d")
+    p.add_argument("--num_folds", type=int, default=None, help="consolidate folds 0..N-1 (all must be trained); "
+                   "default: every trained fold")
+    p.add_argument("--no_sweep_boxes", action="store_true", help="nnDetection's default postprocessing parameters "
+                   "instead of the folds' sweep")
+    p.add_argument("--no_model", action="store_true", help="configs, scripts and docs only (no weights in models/)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing consolidated/ folder")
+    a = p.parse_args(argv)
+    _setup_logging()
+    from planner.consolidate import consolidate
+
+    out = _run(consolidate, a.task, model=a.model, plan=a.plan, num_folds=a.num_folds,
+               sweep_boxes=not a.no_sweep_boxes, no_model=a.no_model, overwrite=a.overwrite)
+    print(f"consolidated bundle: {out}\nrun it:  cd {out} && python -m monai.bundle run --config_file "
+          "configs/inference.json --meta_file configs/metadata.json --bundle_root . --input_dir IN --output_dir OUT")
+
+
+# ------------------------------------------------------------------------------------ boxes2nii
+def boxes2nii_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="nndet_boxes2nii", description="Write test predictions as instance NIfTI files "
+                                "(original image geometry, one id per box, 1 = highest score) + JSON for viewers")
+    p.add_argument("task", help="task id or name: 000, Task000 or Task000D3_Example")
+    p.add_argument("model", nargs="?", default=None, help="model folder (default: main plan)")
+    p.add_argument("--plan", default=None, help="plan id instead of MODEL, e.g. D3V001CPU_3d")
+    p.add_argument("--threshold", type=float, default=0.5, help="keep boxes with score >= threshold (default 0.5)")
+    p.add_argument("--pred_dir", default=None, help="folder of *_boxes.json (default <bundle>/test_predictions)")
+    p.add_argument("--images_dir", default=None, help="reference images (default raw_splitted/imagesTs)")
+    p.add_argument("--out_dir", default=None, help="default <bundle>/test_predictions_nii")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    _setup_logging()
+    from planner.boxes2nii import convert_folder
+    from planner.train import bundle_for
+
+    bundle = _run(bundle_for, a.task, a.model, a.plan)
+    task_root = paths.det_data() / paths.resolve_task(a.task)
+    written = _run(convert_folder, a.pred_dir or bundle / "test_predictions",
+                   a.images_dir or task_root / "raw_splitted" / "imagesTs", a.out_dir or bundle / "test_predictions_nii",
+                   a.threshold, a.overwrite)
+    print(f"{len(written)} instance NIfTI file(s) in {written[0].parent if written else a.out_dir}")

@@ -1,0 +1,191 @@
+"""Folder prediction (``configs/inference.json`` of a consolidated bundle): NIfTI cases in, box JSON out.
+
+``python -m monai.bundle run --config_file configs/inference.json --meta_file configs/metadata.json
+--bundle_root . --input_dir <folder> --output_dir <folder>`` runs, through the factories below:
+
+1. ``find_cases``: every ``<case>_<XXXX>.nii.gz`` of the input folder (one file per modality, nnU-Net
+   naming, ``XXXX`` = 0000, 0001, ...), all files checked before anything is loaded or written;
+2. ``load_detectors``: one network per weight file, each built from the bundle's own network definition
+   (``configs/train.json`` -> ``network_def``; no second copy of it here) with ``models/model_fold<X>.pt``;
+3. the preprocessing chain of ``configs/preprocessing.json`` (instantiated by
+   ``planner.preprocess.run.load_preprocessing``: the definition ``nndet_prep`` applied offline);
+4. ``predict_folder``: per case load -> preprocess -> ``inference.predict_case`` (all folds x mirror TTA,
+   the consolidated postprocessing parameters) -> ``inference.restore_boxes`` (original voxels) and
+   ``inference.voxel_boxes_to_world`` (mm) -> ``<output_dir>/<case>_boxes.json`` (atomic), with the fields
+   ``planner.infer.predict_test`` writes.
+
+Boxes in the output are MONAI StandardMode ``[x1, y1, z1, x2, y2, z2]`` (2D: ``[x1, y1, x2, y2]``),
+half-open voxel indices of the original image (raw NIfTI axes i, j, k), and axis-aligned world boxes in
+RAS+ millimetres through the NIfTI affine (see ``inference.voxel_boxes_to_world``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from planner.dataset import IMAGE_SUFFIX, CaseFiles, list_case_ids
+from planner.io import save_json
+from planner.nifti import load_case
+from planner.preprocess.transforms import IMAGE_KEY, SPACING_KEY, to_numpy
+
+from .inference import predict_case, restore_boxes, voxel_boxes_to_world
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_SUFFIX = "_boxes.json"
+BOX_MODE = "StandardMode (x1, y1, z1, x2, y2, z2), half-open voxel indices of the original image"
+WORLD_FRAME = "RAS+ millimetres (NIfTI affine); [min_x, min_y, min_z, max_x, max_y, max_z] over voxel edges"
+
+
+def _modality_text(modalities: Mapping[str, str] | None, num_modalities: int) -> str:
+    names = dict(modalities or {})
+    return ", ".join(f"_{m:04d} = {names.get(str(m), f'modality {m}')}" for m in range(num_modalities))
+
+
+def find_cases(input_dir: str | Path | None, num_modalities: int,
+               modalities: Mapping[str, str] | None = None) -> list[CaseFiles]:
+    """The cases of ``input_dir``: ``<case>_0000.nii.gz`` .. ``<case>_<M-1>.nii.gz`` per case (M modalities).
+
+    Args:
+        input_dir: folder of NIfTI files in nnU-Net naming.
+        num_modalities: files per case the model needs (its input channels, in modality order).
+        modalities: modality index (str) -> name, for the messages.
+
+    Returns:
+        One ``CaseFiles`` per case id (sorted), images in modality order, no labels.
+
+    Raises:
+        ValueError: no ``input_dir`` was given.
+        FileNotFoundError: the folder does not exist, holds no case, or a case lacks a modality file (every
+            missing file is named).
+    """
+    expected = _modality_text(modalities, num_modalities)
+    if input_dir is None or str(input_dir) == "":
+        raise ValueError(f"no input folder: pass --input_dir <folder with <case>_XXXX{IMAGE_SUFFIX} files> ({expected})")
+    folder = Path(input_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: input folder does not exist")
+    ids = list_case_ids(folder)
+    if not ids:
+        others = sorted(p.name for p in folder.glob(f"*{IMAGE_SUFFIX}"))[:5]
+        hint = f"; found {others} which do not follow that naming" if others else ""
+        raise FileNotFoundError(f"{folder}: no input case; expected one file per modality named "
+                                f"<case>_XXXX{IMAGE_SUFFIX} ({expected}){hint}")
+    cases, missing = [], []
+    for case_id in ids:
+        images = tuple(folder / f"{case_id}_{m:04d}{IMAGE_SUFFIX}" for m in range(num_modalities))
+        missing += [f"{p}: missing (modality {m} of case {case_id})" for m, p in enumerate(images) if not p.is_file()]
+        extra = sorted(p.name for p in folder.glob(f"{case_id}_*{IMAGE_SUFFIX}") if p not in images)
+        if extra:
+            logger.warning("%s: ignoring %s (the model takes %d modality file(s): %s)", folder, extra, num_modalities,
+                           expected)
+        cases.append(CaseFiles(case_id=case_id, images=images, label=None, instances_json=None))
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} input file(s) missing; every case needs {num_modalities} "
+                                f"file(s) ({expected}):\n  - " + "\n  - ".join(missing))
+    return cases
+
+
+def load_detectors(network_config: str | Path, model_files: Sequence[str | Path], bundle_root: str | Path = ".",
+                   network_id: str = "network_def", device: str | torch.device | None = None) -> list[nn.Module]:
+    """One detector per weight file, built from the bundle's network definition, in eval mode on ``device``.
+
+    Args:
+        network_config: config holding the network definition (the bundle's ``configs/train.json``).
+        model_files: state dicts (``torch.save(network.state_dict())``), relative to ``bundle_root`` unless
+            absolute; a training checkpoint with a ``"network"`` entry is accepted too.
+        bundle_root: the bundle folder.
+        network_id: config id of the definition (instantiated once per file).
+        device: default CUDA when available, else CPU.
+
+    Raises:
+        ValueError: no weight file listed, or weights that do not fit the network.
+        FileNotFoundError: weight files are missing (all named).
+    """
+    from monai.bundle import ConfigParser
+
+    root = Path(bundle_root)
+    files = [Path(f) if Path(f).is_absolute() else root / f for f in model_files]
+    if not files:
+        raise ValueError("no model file listed (inference.json 'model_files'); consolidate trained folds first")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"model weights missing: {missing}. The bundle was consolidated without weights "
+                                "(--no_model)? Run nndet_consolidate again without --no_model, or copy the weights there")
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    parser = ConfigParser()
+    parser.read_config(str(network_config))
+    parser["bundle_root"] = str(root)
+    nets = []
+    for f in files:
+        net = parser.get_parsed_content(network_id, lazy=False)
+        state = torch.load(f, map_location="cpu", weights_only=True)
+        if isinstance(state.get("network"), Mapping):
+            state = state["network"]
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{f}: weights do not fit the network '{network_id}' of {network_config} ({e}); "
+                             "consolidate again from the bundle these weights were trained with") from e
+        nets.append(net.to(dev).eval())
+    logger.info("loaded %d network(s) on %s: %s", len(nets), dev, [f.name for f in files])
+    return nets
+
+
+def predict_folder(cases: Sequence[CaseFiles], output_dir: str | Path, detectors: Sequence[nn.Module],
+                   preprocessing: Any, patch_size: Sequence[int], batch_size: int, num_tta: int | None = None,
+                   params: Mapping[str, Any] | None = None, device: str | torch.device | None = None,
+                   amp: bool = True, overlap: float = 0.5, overwrite: bool = False, task: str = "",
+                   model: str = "", folds: Sequence[int] = (), classes: Mapping[str, str] | None = None) -> Path:
+    """Predict every case and write ``<output_dir>/<case>_boxes.json``; returns ``output_dir``.
+
+    Args:
+        cases: from ``find_cases``; detectors: from ``load_detectors`` (one per fold).
+        preprocessing: the bundle's preprocessing chain (dict with ``image`` [C, *spatial] raw axes and
+            ``spacing`` in, preprocessed ``image`` and the restore bookkeeping out).
+        patch_size, batch_size: sliding-window tile (preprocessed, transposed axes) and tiles per pass.
+        num_tta: mirror transforms per fold (1, 4 or 8 in 3D); None: 8 in 3D, 4 in 2D.
+        params: postprocessing parameters (``inference.DEFAULT_PARAMS`` keys; the consolidated sweep).
+        device, amp, overlap: see ``inference.predict_case`` (device default CUDA when available).
+        overwrite: recompute cases whose output exists (otherwise skipped).
+        task, model, folds, classes: recorded in the output (classes: label index (str) -> name).
+
+    Output per case: ``boxes`` [N, 2*dim] (original voxels, StandardMode, half-open), ``boxes_world_mm``
+    [N, 6] (RAS+ mm), ``scores`` [N] in descending order (re-sorted, stably: weighted box clustering orders
+    by cluster head score, which ``planner.infer.predict_test`` keeps), ``labels`` [N] (0-based),
+    ``class_names``, provenance.
+    """
+    out = Path(output_dir)
+    dim = len(patch_size)
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = dict(classes or {})
+    todo = [c for c in cases if overwrite or not (out / f"{c.case_id}{OUTPUT_SUFFIX}").is_file()]
+    if len(todo) < len(cases):
+        logger.info("%d case(s) already predicted in %s, skipped (overwrite to recompute)", len(cases) - len(todo), out)
+    for files in tqdm(todo, desc=f"predict ({len(detectors)} fold(s))", unit="case"):
+        case = load_case(files, dim, with_label=False)
+        pre = preprocessing({IMAGE_KEY: case.data, SPACING_KEY: case.spacing})
+        image = np.ascontiguousarray(to_numpy(pre[IMAGE_KEY]), dtype=np.float32)
+        pred = predict_case(list(detectors), image, patch_size, batch_size, num_tta=num_tta, params=params,
+                            device=dev, amp=amp, overlap=overlap)
+        det = pred.detections
+        det = det.select(np.argsort(-det.scores, kind="stable"))  # WBC orders by cluster head, not final score
+        voxel = restore_boxes(det.boxes, pre)
+        world = voxel_boxes_to_world(voxel, np.asarray(case.affine))
+        labels = np.asarray(det.labels, dtype=np.int64)
+        save_json({
+            "case_id": files.case_id, "task": task, "model": model, "folds": [int(f) for f in folds],
+            "boxes": voxel.tolist(), "boxes_world_mm": world.tolist(), "scores": np.asarray(det.scores).tolist(),
+            "labels": labels.tolist(), "class_names": [names.get(str(int(c)), str(int(c))) for c in labels],
+            "box_mode": BOX_MODE, "world_frame": WORLD_FRAME, "params": pred.params,
+        }, out / f"{files.case_id}{OUTPUT_SUFFIX}")
+    logger.info("predictions of %d case(s) in %s", len(cases), out)
+    return out

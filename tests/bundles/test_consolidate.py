@@ -1,0 +1,259 @@
+"""nndet_consolidate and the consolidated bundle's folder inference (configs/inference.json), on CPU.
+
+A toy task is planned with the cpu preset and two folds are "trained" by writing randomly initialised
+networks of the bundle's own ``network_def`` as finished checkpoints (the inference path does not care
+whether the weights are good). The swept postprocessing of the two folds is given as the cache
+``planner.infer.ensemble_params`` reads, so consolidation and ``predict_test`` use the same parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, run
+
+from bundles.retinaunet_template.scripts.inference import check_params
+from planner.bundle import verify_metadata_offline
+from planner.consolidate import consolidate
+from planner.infer import predict_test
+from planner.io import save_json
+from planner.prep import run_prep
+from planner.toy import generate_example
+from planner.train import _fresh_scripts_import, bundle_for
+
+FOLDS = (0, 1)
+SWEPT = {"model_iou": 0.2, "ensemble_iou": 0.4, "detections_per_image": 50}  # != defaults
+VAL_AP = {0: 0.5, 1: 0.7}
+AP10 = "AP_IoU_0.10_MaxDet_100"
+SHIFTED_CASE = "case_7"  # given another affine (same spacing) in the inference input folder
+SHIFTED_AFFINE = np.array([[-1.0, 0, 0, 12.5], [0, 0, 1.0, -3.0], [0, 1.0, 0, 40.0], [0, 0, 0, 1]])
+
+
+def fake_train(bundle: Path, folds=FOLDS) -> None:
+    """Finished fold checkpoints with random weights of the bundle's network_def (as load_detector builds it)."""
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser["bundle_root"] = str(bundle)
+    for fold in folds:
+        torch.manual_seed(fold)
+        net = parser.get_parsed_content("network_def", lazy=False)
+        (bundle / f"fold{fold}").mkdir(exist_ok=True)
+        torch.save({"network": net.state_dict(), "finished": True, "epoch": 1, "iteration": 1},
+                   bundle / f"fold{fold}" / "model_last.pt")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("consolidate")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("det_data", str(root / "data"))
+    mp.setenv("det_models", str(root / "models"))
+    mp.setenv("det_num_threads", "1")
+    (root / "data").mkdir()
+    generate_example(root / "data", preset="cpu", num_train=6, num_test=2, size=32)
+    run_prep("000", preset="cpu")
+    bundle = bundle_for("000")
+    _fresh_scripts_import(bundle)
+    mp.syspath_prepend(str(bundle))
+    fake_train(bundle)
+    save_json({"params": SWEPT, "folds": list(FOLDS)}, bundle / "consolidated_sweep" / "params.json")
+    for fold, ap in VAL_AP.items():
+        save_json({AP10: ap, "mAP_IoU_0.10_0.50_0.05_MaxDet_100": ap / 2, "other": 1.0},
+                  bundle / f"fold{fold}" / "val_results" / "results_boxes.json")
+    cons = consolidate("000")
+    yield {"root": root, "bundle": bundle, "cons": cons, "task_root": root / "data" / "Task000D3_Example"}
+    mp.undo()
+    _drop_scripts()
+
+
+def _drop_scripts() -> None:
+    """Forget the imported bundle ``scripts`` package (each bundle brings its own copy)."""
+    for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
+        del sys.modules[name]
+
+
+def run_consolidated(cons: Path, **overrides) -> None:
+    """``python -m monai.bundle run --config_file configs/inference.json ...`` in this process."""
+    mp = pytest.MonkeyPatch()
+    _fresh_scripts_import(cons)
+    mp.syspath_prepend(str(cons))
+    try:
+        run(config_file=str(cons / "configs" / "inference.json"), meta_file=str(cons / "configs" / "metadata.json"),
+            logging_file=False, bundle_root=str(cons), **overrides)
+        assert cons in Path(sys.modules["scripts"].__file__).parents  # the consolidated copy ran
+    finally:
+        mp.undo()
+        _drop_scripts()
+
+
+@pytest.fixture(scope="module")
+def folder_predictions(setup):
+    """Consolidated inference on a copy of raw_splitted/imagesTs (one case with another affine)."""
+    inp = setup["root"] / "input"
+    shutil.copytree(setup["task_root"] / "raw_splitted" / "imagesTs", inp)
+    f = inp / f"{SHIFTED_CASE}_0000.nii.gz"
+    img = nib.load(str(f))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), SHIFTED_AFFINE), str(f))
+    out = setup["root"] / "pred"
+    run_consolidated(setup["cons"], input_dir=str(inp), output_dir=str(out), num_tta=1)
+    return inp, out
+
+
+def test_layout_weights_and_inference_config(setup):
+    cons = setup["cons"]
+    for rel in ("configs/inference.json", "configs/metadata.json", "configs/train.json", "configs/preprocessing.json",
+                "configs/plan.json", "configs/logging.conf", "scripts/predict.py", "scripts/inference.py",
+                "docs/README.md"):
+        assert (cons / rel).is_file(), rel
+    assert not list(cons.rglob("__pycache__"))
+    assert sorted(p.name for p in (cons / "models").iterdir()) == [f"model_fold{f}.pt" for f in FOLDS]
+    for fold in FOLDS:
+        state = torch.load(cons / "models" / f"model_fold{fold}.pt", weights_only=True)
+        ref = torch.load(setup["bundle"] / f"fold{fold}" / "model_last.pt", weights_only=True)["network"]
+        assert list(state) == list(ref) and all(torch.equal(state[k], ref[k]) for k in ref)
+    cfg = json.loads((cons / "configs" / "inference.json").read_text())
+    assert cfg["folds"] == list(FOLDS) and cfg["model_files"] == [f"models/model_fold{f}.pt" for f in FOLDS]
+    assert cfg["postprocessing"] == check_params(SWEPT) and "sweep" in cfg["postprocessing_source"]
+    assert cfg["num_tta"] is None and cfg["num_modalities"] == 1
+    assert cfg["run"]["_target_"] == "scripts.predict.predict_folder"
+    # one network definition: train.json's, not a copy in inference.json
+    assert "network_def" not in cfg and cfg["network_id"] == "network_def"
+    assert (cons / "configs" / "preprocessing.json").read_text() == (
+        setup["bundle"] / "configs" / "preprocessing.json").read_text()
+    readme = (cons / "docs" / "README.md").read_text()
+    assert "python -m monai.bundle run --config_file configs/inference.json" in readme
+
+
+def test_metadata_is_valid_and_describes_the_io(setup):
+    meta_file = setup["cons"] / "configs" / "metadata.json"
+    verify_metadata_offline(meta_file)
+    meta = json.loads(meta_file.read_text())
+    assert meta["nndet"]["labels"] == {"0": "Square", "1": "SquareHole"}
+    assert meta["nndet"]["folds"] == list(FOLDS) and meta["nndet"]["num_tta_default"] == 8
+    inputs = meta["network_data_format"]["inputs"]["image"]
+    assert inputs["num_channels"] == 1 and inputs["channel_def"] == {"0": "MRI"}
+    assert set(meta["network_data_format"]["outputs"]) == {"boxes", "scores", "labels"}
+    assert {"boxes", "boxes_world_mm", "scores", "labels"} <= set(meta["network_data_format"]["post_processed_outputs"])
+    assert meta["eval_metrics"][AP10] == pytest.approx(np.mean(list(VAL_AP.values())))
+    assert "other" not in meta["eval_metrics"]
+    assert meta["nndet"]["validation"]["per_fold"]["1"][AP10] == VAL_AP[1]
+
+
+def test_refuses_to_overwrite(setup):
+    before = (setup["cons"] / "configs" / "inference.json").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="overwrite"):
+        consolidate("000")
+    assert (setup["cons"] / "configs" / "inference.json").stat().st_mtime_ns == before
+    with pytest.raises(FileNotFoundError, match=r"fold\(s\) \[2\]"):
+        consolidate("000", num_folds=3, overwrite=True)
+    assert not [p for p in setup["bundle"].iterdir() if p.name.startswith(".consolidated")]
+
+
+def test_folder_inference_writes_boxes_in_original_and_world_space(setup, folder_predictions):
+    inp, out = folder_predictions
+    files = sorted(out.glob("*_boxes.json"))
+    assert [f.name for f in files] == ["case_6_boxes.json", "case_7_boxes.json"]
+    assert not list(out.glob(".*"))  # no temp files left
+    for f in files:
+        d = json.loads(f.read_text())
+        img = nib.load(str(inp / f"{d['case_id']}_0000.nii.gz"))
+        boxes, scores = np.asarray(d["boxes"]), np.asarray(d["scores"])
+        assert len(boxes) > 0 and boxes.shape[1] == 6 and len(scores) == len(boxes) == len(d["labels"])
+        assert np.all(np.diff(scores) <= 0)
+        shape = np.asarray(img.shape, dtype=np.float64)
+        assert np.all(boxes[:, :3] >= -1e-4) and np.all(boxes[:, 3:] <= shape + 1e-4)
+        assert np.all(boxes[:, 3:] >= boxes[:, :3])
+        corners = np.stack([np.where(np.asarray(c, bool), boxes[:, 3:], boxes[:, :3]) - 0.5
+                            for c in np.ndindex(2, 2, 2)], axis=1)  # [N, 8, 3] voxel edges
+        world = nib.affines.apply_affine(img.affine, corners)
+        expected = np.concatenate([world.min(axis=1), world.max(axis=1)], axis=1)
+        np.testing.assert_allclose(np.asarray(d["boxes_world_mm"]), expected, atol=1e-6)
+        assert d["class_names"] == [["Square", "SquareHole"][c] for c in d["labels"]]
+        assert d["folds"] == list(FOLDS) and d["params"] == check_params(SWEPT)
+    assert np.allclose(nib.load(str(inp / f"{SHIFTED_CASE}_0000.nii.gz")).affine, SHIFTED_AFFINE)
+
+
+def test_folder_inference_equals_predict_test(setup, folder_predictions):
+    _, out = folder_predictions
+    ref_dir = predict_test("000", folds=list(FOLDS), num_tta=1)
+    for case in ("case_6", "case_7"):
+        got = json.loads((out / f"{case}_boxes.json").read_text())
+        ref = json.loads((ref_dir / f"{case}_boxes.json").read_text())
+        assert set(got) == set(ref)
+        assert {k: got[k] for k in ("task", "model", "folds", "box_mode", "world_frame")} == {
+            k: ref[k] for k in ("task", "model", "folds", "box_mode", "world_frame")}
+        order = np.argsort(-np.asarray(ref["scores"]), kind="stable")  # folder output is sorted by score
+        np.testing.assert_allclose(got["boxes"], np.asarray(ref["boxes"])[order], atol=1e-4)
+        np.testing.assert_allclose(got["scores"], np.asarray(ref["scores"])[order], atol=1e-6)
+        assert got["labels"] == np.asarray(ref["labels"])[order].tolist()
+        if case != SHIFTED_CASE:
+            np.testing.assert_allclose(got["boxes_world_mm"], np.asarray(ref["boxes_world_mm"])[order], atol=1e-4)
+
+
+def test_rerun_skips_predicted_cases(setup, folder_predictions):
+    inp, out = folder_predictions
+    before = {f.name: f.stat().st_mtime_ns for f in out.glob("*_boxes.json")}
+    run_consolidated(setup["cons"], input_dir=str(inp), output_dir=str(out), num_tta=1)
+    assert {f.name: f.stat().st_mtime_ns for f in out.glob("*_boxes.json")} == before
+
+
+def _cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def test_missing_modality_file_and_empty_folder_are_named(setup, tmp_path):
+    src = setup["task_root"] / "raw_splitted" / "imagesTs" / "case_6_0000.nii.gz"
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(src, inp / "good_0000.nii.gz")
+    shutil.copy(src, inp / "bad_0001.nii.gz")  # case "bad" lacks its _0000 file
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as exc:
+        run_consolidated(setup["cons"], input_dir=str(inp), output_dir=str(out))
+    err = _cause(exc.value)
+    assert isinstance(err, FileNotFoundError) and str(inp / "bad_0000.nii.gz") in str(err)
+    assert "good_0000" not in str(err) and not out.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(Exception) as exc:
+        run_consolidated(setup["cons"], input_dir=str(empty), output_dir=str(out))
+    err = _cause(exc.value)
+    assert isinstance(err, FileNotFoundError) and str(empty) in str(err) and "_XXXX.nii.gz" in str(err)
+
+
+def test_no_model_cli_then_overwrite(setup, tmp_path, monkeypatch, capsys):
+    """On a copy of the bundle: --no_model leaves models/ empty (inference names the missing weights),
+    a second run is refused, --overwrite replaces it with the weights."""
+    from planner.cli import consolidate_main
+
+    models = tmp_path / "models"
+    shutil.copytree(setup["bundle"], models / "Task000D3_Example" / setup["bundle"].name,
+                    ignore=shutil.ignore_patterns(setup["cons"].name))
+    monkeypatch.setenv("det_models", str(models))
+    consolidate_main(["000", "--no_model", "--no_sweep_boxes"])
+    cons = models / "Task000D3_Example" / setup["bundle"].name / "consolidated"
+    assert str(cons) in capsys.readouterr().out
+    assert (cons / "models").is_dir() and not list((cons / "models").iterdir())
+    assert "--no_model" in (cons / "docs" / "README.md").read_text()
+    cfg = json.loads((cons / "configs" / "inference.json").read_text())
+    assert cfg["postprocessing"] == check_params(None) and "default" in cfg["postprocessing_source"]
+    with pytest.raises(Exception) as exc:
+        run_consolidated(cons, input_dir=str(setup["task_root"] / "raw_splitted" / "imagesTs"),
+                         output_dir=str(tmp_path / "out"))
+    err = _cause(exc.value)
+    assert isinstance(err, FileNotFoundError) and "model_fold0.pt" in str(err) and "--no_model" in str(err)
+    with pytest.raises(SystemExit):
+        consolidate_main(["000"])
+    assert "exists" in capsys.readouterr().err
+    consolidate_main(["000", "--overwrite"])
+    assert sorted(p.name for p in (cons / "models").iterdir()) == [f"model_fold{f}.pt" for f in FOLDS]
+    assert not [p for p in cons.parent.iterdir() if p.name.startswith(".consolidated")]
