@@ -344,6 +344,12 @@ def demo(preset: str = "cpu", num_processes: int | None = None, train_fold: bool
     print(f"sweep fold 0: {res.metric} {res.default_score:.4f} (defaults) -> {res.score:.4f}, params {res.params}")
     print("\n== validation (fold 0) ==")
     _print_metrics(_run(evaluate_fold, "000", 0, plan=plan_id), fold_dir / "val_results")
+    from planner.consolidate import consolidate
+
+    consolidated = fold_dir.parent / "consolidated"
+    if not consolidated.is_dir():
+        _run(consolidate, "000", plan=plan_id)
+    print(f"\nconsolidated inference bundle: {consolidated}")
     _run(predict_test, "000", plan=plan_id, folds=[0])
     print("\n== test set (imagesTs vs labelsTs) ==")
     _print_metrics(_run(evaluate_test, "000", plan=plan_id), fold_dir.parent / "test_results")
