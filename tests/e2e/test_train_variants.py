@@ -51,6 +51,16 @@ def test_2d_task_trains_with_nndet_train_and_with_monai_bundle_run(env):
     assert done.returncode == 0, done.stderr[-3000:]
     _check_fold(fold0.parent / "fold1", in_channels=1, dim=2)
 
+    # the inference chain works for 2D too: sweep, validation metrics, 2-fold test prediction, test metrics
+    from planner.infer import evaluate_fold, evaluate_test, predict_test, sweep_fold
+
+    sweep_fold(task.name, 0, plan=plan.plan_id, num_tta=4)
+    assert "AP_IoU_0.10_MaxDet_100" in evaluate_fold(task.name, 0, plan=plan.plan_id, plots=False)
+    out = predict_test(task.name, plan=plan.plan_id, num_tta=1)
+    (pred,) = [json.loads(f.read_text()) for f in out.glob("*_boxes.json")]
+    assert pred["folds"] == [0, 1] and all(len(b) == 4 for b in pred["boxes"])
+    assert "FROC_score_IoU_0.10" in evaluate_test(task.name, plan=plan.plan_id, plots=False)
+
 
 def test_multimodal_multiclass_task_trains(env):
     cases = []
