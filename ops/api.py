@@ -74,7 +74,15 @@ def _prepare(bk: Backend, boxes, scores, labels=None, weights=None):
     return b, s, lab, w
 
 
-def nms(boxes, scores, iou_threshold: float):
+def _max_keep(max_keep):
+    if max_keep is None:
+        return None
+    if int(max_keep) < 0:
+        raise ValueError(f"max_keep must be >= 0 or None, got {max_keep}")
+    return int(max_keep)
+
+
+def nms(boxes, scores, iou_threshold: float, max_keep: int | None = None):
     """Greedy non-maximum suppression.
 
     Boxes are visited by score (descending, ties by lower index, ranked in float32); a box is dropped
@@ -84,6 +92,8 @@ def nms(boxes, scores, iou_threshold: float):
         boxes: ``[N, 4]`` / ``[N, 6]`` StandardMode boxes.
         scores: ``[N]`` scores (NaN raises ValueError).
         iou_threshold: >= 0.
+        max_keep: return only the first ``max_keep`` kept boxes (the same as truncating the result; the
+            CPU scan stops early).
 
     Returns:
         int64 ``[K]`` indices of kept boxes, by decreasing score; same kind as ``boxes``.
@@ -92,10 +102,10 @@ def nms(boxes, scores, iou_threshold: float):
     bk = backend_of(boxes)
     with bk.context():
         b, s, _, _ = _prepare(bk, boxes, scores)
-        return bk.to_output(_impl(bk).nms(b, s, thr))
+        return bk.to_output(_impl(bk).nms(b, s, thr, max_keep=_max_keep(max_keep)))
 
 
-def batched_nms(boxes, scores, labels, iou_threshold: float):
+def batched_nms(boxes, scores, labels, iou_threshold: float, max_keep: int | None = None):
     """Class-wise NMS: boxes suppress only boxes with the same label (exact; no coordinate offsets).
 
     Args:
@@ -103,6 +113,7 @@ def batched_nms(boxes, scores, labels, iou_threshold: float):
         scores: ``[N]`` scores.
         labels: ``[N]`` integer class ids.
         iou_threshold: >= 0.
+        max_keep: only the first ``max_keep`` kept boxes (see :func:`nms`).
 
     Returns:
         int64 ``[K]`` kept indices by decreasing score (all classes interleaved); same kind as ``boxes``.
@@ -111,10 +122,10 @@ def batched_nms(boxes, scores, labels, iou_threshold: float):
     bk = backend_of(boxes)
     with bk.context():
         b, s, lab, _ = _prepare(bk, boxes, scores, labels)
-        return bk.to_output(_impl(bk).nms(b, s, thr, lab))
+        return bk.to_output(_impl(bk).nms(b, s, thr, lab, max_keep=_max_keep(max_keep)))
 
 
-def weighted_nms(boxes, scores, labels, weights, iou_threshold: float):
+def weighted_nms(boxes, scores, labels, weights, iou_threshold: float, max_keep: int | None = None):
     """nnDetection's per-model stage: class-wise NMS ranked by ``score * weight``.
 
     ``weights`` is the position weight of each box in its sliding-window tile (1 in the centre, down to
@@ -127,6 +138,7 @@ def weighted_nms(boxes, scores, labels, weights, iou_threshold: float):
         labels: ``[N]`` class ids, or None for class-agnostic NMS.
         weights: ``[N]`` weights >= 0.
         iou_threshold: >= 0 (nnDetection default 0.1).
+        max_keep: only the first ``max_keep`` kept boxes (see :func:`nms`).
 
     Returns:
         int64 ``[K]`` kept indices, ordered by decreasing ``score * weight``; same kind as ``boxes``.
@@ -138,7 +150,7 @@ def weighted_nms(boxes, scores, labels, weights, iou_threshold: float):
     with bk.context():
         b, s, lab, w = _prepare(bk, boxes, scores, labels, weights)
         key = s * w.astype(bk.xp.float32)
-        return bk.to_output(_impl(bk).nms(b, key, thr, lab))
+        return bk.to_output(_impl(bk).nms(b, key, thr, lab, max_keep=_max_keep(max_keep)))
 
 
 def wbc(

@@ -104,14 +104,15 @@ def _sorted_inputs(boxes, keys, labels):
     return order, bs, ls
 
 
-def nms(boxes, keys, thr, labels=None):
-    """Greedy NMS ranked by float32 ``keys`` -> kept indices (int64) in rank order."""
+def nms(boxes, keys, thr, labels=None, max_keep=None):
+    """Greedy NMS ranked by float32 ``keys`` -> kept indices (int64) in rank order (first ``max_keep``)."""
     cp = cupy_module()
-    if boxes.shape[0] == 0:
+    if boxes.shape[0] == 0 or max_keep == 0:
         return cp.zeros(0, cp.int64)
     order, bs, ls = _sorted_inputs(boxes, keys, labels)
     keep, _ = _greedy(bs, ls, thr, want_head=False)
-    return order[cp.flatnonzero(keep)]
+    kept = order[cp.flatnonzero(keep)]
+    return kept if max_keep is None else kept[:max_keep]
 
 
 def wbc_clusters(boxes, scores, labels, thr):

@@ -279,3 +279,29 @@ def test_weighted_nms_ranks_by_score_times_weight():
     np.testing.assert_array_equal(ops.weighted_nms(bb, ss, ll, ww, 0.1), dense_reference_nms(bb, key, 0.1, ll))
     with pytest.raises(ValueError, match="weights"):
         ops.weighted_nms(b, s, None, np.array([1.0, -1.0, 1.0]), 0.1)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("dense", [True, False])
+def test_max_keep_equals_truncating_the_full_result(monkeypatch, dim, dense):
+    import ops.cpu
+
+    rng = np.random.default_rng(11 + dim)
+    if dense:
+        boxes, _ = jittered_copies(rng, 2000, dim, n_objects=30)
+    else:
+        boxes = random_boxes(rng, 2000, dim)
+    scores = rng.choice(np.linspace(0, 1, 50), len(boxes)).astype(np.float32)  # many ties
+    labels = rng.integers(0, 3, len(boxes))
+    weights = rng.uniform(0.5, 1.0, len(boxes)).astype(np.float32)
+    monkeypatch.setattr(ops.cpu, "NMS_BLOCK", 37)  # several blocks before K boxes are kept
+    monkeypatch.setattr(ops.cpu, "NMS_FIRST_BLOCK", 5)
+    for k in (0, 1, 7, 100, 5000):
+        full = ops.nms(boxes, scores, 0.3)
+        np.testing.assert_array_equal(ops.nms(boxes, scores, 0.3, max_keep=k), full[:k])
+        full = ops.batched_nms(boxes, scores, labels, 0.3)
+        np.testing.assert_array_equal(ops.batched_nms(boxes, scores, labels, 0.3, max_keep=k), full[:k])
+        full = ops.weighted_nms(boxes, scores, labels, weights, 0.1)
+        np.testing.assert_array_equal(ops.weighted_nms(boxes, scores, labels, weights, 0.1, max_keep=k), full[:k])
+    with pytest.raises(ValueError, match="max_keep"):
+        ops.nms(boxes, scores, 0.3, max_keep=-1)

@@ -138,9 +138,10 @@ _NMS: Callable | None = None
 
 
 def class_wise_nms(
-    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float, max_keep: int | None = None
 ) -> torch.Tensor:
-    """Indices kept by class-wise NMS, sorted by descending score (``ops.batched_nms`` when present)."""
+    """Indices kept by class-wise NMS, sorted by descending score (``ops.batched_nms`` when present); with
+    ``max_keep`` only the first ``max_keep`` (ops stops scanning once they are known)."""
     global _NMS
     if _NMS is None:
         try:
@@ -153,8 +154,12 @@ def class_wise_nms(
 
             logger.debug("class-wise NMS: monai.data.box_utils.batched_nms (ops not importable)")
         _NMS = nms
-    keep = torch.as_tensor(_NMS(boxes, scores, labels, iou), dtype=torch.long, device=boxes.device)
-    return keep[torch.argsort(scores[keep], descending=True, stable=True)]
+    if max_keep is not None and getattr(_NMS, "__module__", "").startswith("ops"):
+        kept = _NMS(boxes, scores, labels, iou, max_keep=max_keep)
+    else:
+        kept = _NMS(boxes, scores, labels, iou)
+    keep = torch.as_tensor(kept, dtype=torch.long, device=boxes.device)
+    return keep[torch.argsort(scores[keep], descending=True, stable=True)][:max_keep]
 
 
 def _flatten_levels(maps: list[torch.Tensor], per_anchor: int) -> torch.Tensor:
@@ -330,7 +335,7 @@ class RetinaUNetDetector(nn.Module):
         keep = ((boxes[:, self.dim :] - boxes[:, : self.dim]) >= self.min_box_size).all(dim=1)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         if boxes.shape[0] > 0:
-            keep = class_wise_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            keep = class_wise_nms(boxes, scores, labels, self.nms_thresh, self.detections_per_img)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         return {"boxes": boxes, "scores": scores, "labels": labels}
 

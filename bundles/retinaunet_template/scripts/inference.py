@@ -298,9 +298,9 @@ def consolidate_member(raw: Detections, shape: Sequence[int], model_iou: float =
     if len(det) == 0:
         return det
     if model_nms == "weighted":
-        keep = weighted_nms(det.boxes, det.scores, det.labels, det.weights, model_iou)[:detections_per_image]
+        keep = weighted_nms(det.boxes, det.scores, det.labels, det.weights, model_iou, max_keep=detections_per_image)
         return Detections(det.boxes[keep], det.scores[keep], det.labels[keep])
-    keep = batched_nms(det.boxes, det.scores, det.labels, model_iou)[:detections_per_image]
+    keep = batched_nms(det.boxes, det.scores, det.labels, model_iou, max_keep=detections_per_image)
     return det.select(keep)
 
 
