@@ -251,6 +251,14 @@ def _print_metrics(metrics: dict[str, float], out: Path) -> None:
     for k in keys:
         if k in metrics:
             print(f"| {k} | {metrics[k]:.4f} |")
+    per_class = {k: v for k, v in metrics.items() if k.endswith("_AP_IoU_0.10_MaxDet_100") and k != keys[0]
+                 and not k.startswith("mAP")}
+    for k, v in per_class.items():
+        print(f"| {k} | {v:.4f} |")
+    absent = [k[: -len("_AP_IoU_0.10_MaxDet_100")] for k, v in per_class.items() if v == -1]
+    if absent:
+        print(f"\nno object of class {', '.join(absent)} in these cases: as in nnDetection it enters the class "
+              "means (AP, mAP) as -1; read the per-class rows")
     print(f"\nall metrics: {out / 'results_boxes.json'}\nplots:       {out}/*.png, {out}/examples/")
 
 
@@ -269,7 +277,7 @@ def _infer_parser(prog: str, description: str, fold: bool = True) -> argparse.Ar
 def sweep_main(argv: list[str] | None = None) -> None:
     p = _infer_parser("nndet_sweep", "Predict a fold's validation cases (raw, once) and sweep the postprocessing "
                       "parameters (nnDetection's coordinate search) -> fold<X>/sweep/params.json + sweep.png")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     _setup_logging()
     from planner.infer import sweep_fold
 
@@ -283,7 +291,7 @@ def eval_main(argv: list[str] | None = None) -> None:
                       "cases, or with --test of the test predictions, plus FROC/PR/score/size plots")
     p.add_argument("--test", action="store_true", help="evaluate test_predictions against raw_splitted/labelsTs")
     p.add_argument("--no_plots", action="store_true")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     _setup_logging()
     from planner.infer import evaluate_fold, evaluate_test
     from planner.train import bundle_for
@@ -302,7 +310,7 @@ def predict_main(argv: list[str] | None = None) -> None:
     p = _infer_parser("nndet_predict", "Predict the preprocessed test cases (imagesTs) with the ensemble of trained "
                       "folds -> <bundle>/test_predictions/<case>_boxes.json (original voxels + world mm)", fold=False)
     p.add_argument("--fold", type=int, default=-1, help="-1: every trained fold (ensemble); else that fold only")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     _setup_logging()
     from planner.infer import predict_test
 
