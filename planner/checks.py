@@ -33,7 +33,6 @@ import multiprocessing
 from collections.abc import Iterable
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
@@ -46,6 +45,7 @@ from planner.dataset import (
     list_case_ids,
     load_dataset_info,
 )
+from planner.nifti import read_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def _check_case_job(job: tuple[CaseFiles, int, bool]) -> list[Problem]:
 def _load(path: Path, dim: int, problems: list[Problem]) -> tuple[np.ndarray, np.ndarray] | None:
     """(array with a 2D task's trailing singleton squeezed, affine) or None (problem recorded)."""
     try:
-        img = nib.load(str(path))
+        img = read_nifti(path)
         arr = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises several types for broken files
         problems.append((str(path), f"cannot be read as NIfTI ({type(e).__name__}: {e}); re-export the file"))

@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import binary_fill_holes
+from scipy import ndimage
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes(mask)`` (face connectivity), from one labelling of the background.
+
+    A background voxel stays background exactly when its face-connected background component touches
+    the array border (what the fill's dilation from the border reaches); one ``ndimage.label`` pass
+    finds those components, instead of a dilation iterated until nothing changes.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.size == 0 or mask.all() or not mask.any():
+        return mask.copy()
+    labels, n = ndimage.label(~mask)
+    outside = np.zeros(n + 1, dtype=bool)
+    for axis in range(mask.ndim):
+        for index in (0, -1):
+            outside[np.take(labels, index, axis=axis)] = True
+    outside[0] = False  # label 0: the mask itself
+    return ~outside[labels]
 
 
 def nonzero_mask(data: np.ndarray) -> np.ndarray:
     """Voxels where any channel is nonzero, holes filled. data: [C, *spatial] -> bool [*spatial]."""
-    mask = np.any(data != 0, axis=0)
-    return binary_fill_holes(mask)
+    return fill_holes(np.any(data != 0, axis=0))
 
 
 def bbox_of_mask(mask: np.ndarray) -> list[list[int]]:
@@ -32,16 +50,25 @@ def crop_case(data: np.ndarray, seg: np.ndarray | None) -> tuple[np.ndarray, np.
     """Crop image [C, *spatial] (+ instance map) to the nonzero bbox.
 
     Label voxels outside the nonzero mask that were background are set to -1 (as nnDetection), so
-    sampling and normalisation can tell outside-body from background.
+    sampling and normalisation can tell outside-body from background. Holes are filled on the cropped
+    mask: filling only adds enclosed voxels (the bbox is that of the unfilled mask), and a background
+    component touching the bbox faces is joined to the border through the background around the bbox,
+    so the filled crop equals the crop of the filled mask.
 
     Returns:
         (cropped data, cropped seg or None, bbox as [[lo, hi), ...] in raw voxel indices)
     """
-    mask = nonzero_mask(data)
-    bbox = bbox_of_mask(mask)
-    data_c = crop_to_bbox(data, bbox)
+    nonzero = data[0] != 0
+    for c in range(1, data.shape[0]):
+        nonzero |= data[c] != 0
+    bbox = bbox_of_mask(nonzero)
+    # C-contiguous crops: NIfTI arrays arrive in Fortran order, and every later step (MONAI's tensor
+    # conversion included) would otherwise make its own strided copy
+    data_c = np.ascontiguousarray(crop_to_bbox(data, bbox))
     seg_c = None
     if seg is not None:
-        seg_c = crop_to_bbox(seg, bbox).copy()
-        seg_c[(seg_c == 0) & ~crop_to_bbox(mask, bbox)] = -1
+        seg_c = np.array(crop_to_bbox(seg, bbox), order="C")
+        body = crop_to_bbox(nonzero, bbox)
+        if not body.all():
+            seg_c[(seg_c == 0) & ~fill_holes(body)] = -1
     return data_c, seg_c, bbox

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +37,36 @@ def spacing_from_affine(affine: np.ndarray, ndim: int) -> list[float]:
     return [float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)[:ndim]]
 
 
+def read_nifti(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
+    """``nib.load`` with the data in memory; a ``.gz`` file is inflated by one ``zlib`` call.
+
+    nibabel streams gzip files through ``gzip.GzipFile`` in small reads; inflating the whole file at
+    once is about a quarter faster. Anything unusual (multi-member gzip, not NIfTI-1/2) goes through
+    ``nib.load``, so errors and results stay nibabel's own.
+    """
+    path = Path(path)
+    if not path.name.endswith(".gz"):
+        return nib.load(str(path))
+    raw = path.read_bytes()
+    inflater = zlib.decompressobj(wbits=31)  # 31: gzip container
+    try:
+        buf = inflater.decompress(raw)
+    except zlib.error:
+        return nib.load(str(path))
+    if not inflater.eof or inflater.unused_data or len(buf) < 4:
+        return nib.load(str(path))
+    sizeof_hdr = {int.from_bytes(buf[:4], "little"), int.from_bytes(buf[:4], "big")}
+    if 348 in sizeof_hdr:
+        return nib.Nifti1Image.from_bytes(buf)
+    if 540 in sizeof_hdr:
+        return nib.Nifti2Image.from_bytes(buf)
+    return nib.load(str(path))
+
+
 def load_nifti(path: Path, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Load one NIfTI as (array, affine); a 2D task's (X, Y, 1) volumes are squeezed to (X, Y)."""
     try:
-        img = nib.load(str(path))
+        img = read_nifti(path)
         arr = np.asanyarray(img.dataobj)
     except FileNotFoundError as e:
         raise DatasetError([(str(path), "file is missing")]) from e

@@ -59,6 +59,13 @@ def test_nonct_zscore_with_and_without_mask():
     whole = normalize_channel(x, "nonCT", {}, mask, False)
     xd = x.astype(np.float64)
     np.testing.assert_allclose(whole, (xd - xd.mean()) / (xd.std() + 1e-8), rtol=1e-5, atol=1e-5)
+    for arr in (x, np.swapaxes(x, 0, 2)):  # bit-identical to the statistics over x[all-True mask]
+        everything = np.ones(arr.shape, bool)
+        vals = arr[everything]
+        ref = np.empty_like(arr)
+        ref[everything] = (vals - float(vals.mean(dtype=np.float64))) / (float(vals.std(dtype=np.float64)) + 1e-8)
+        got = normalize_channel(arr, "nonCT", {}, None, False)
+        assert got.dtype == np.float32 and np.array_equal(got, ref)
 
 
 def test_normalise_per_modality_transform_and_bad_scheme():
@@ -114,6 +121,46 @@ def test_resampling_equals_nnunet_skimage_resize():
         np.testing.assert_array_equal(resample_labels(s[None], shape)[0], ref_s)
 
 
+def _scipy_zoom(x: np.ndarray, new_shape, order: int) -> np.ndarray:
+    """The nD ``ndimage.zoom`` call the separable resampling replaces (reference)."""
+    from scipy import ndimage
+
+    zoom = np.asarray(new_shape, dtype=np.float64) / np.asarray(x.shape, dtype=np.float64)
+    out = np.empty(tuple(new_shape), dtype=x.dtype)
+    ndimage.zoom(x, zoom, output=out, order=order, mode="nearest", grid_mode=True)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("shape", "new_shape"),
+    [((13, 17, 9), (20, 11, 14)), ((7, 30, 9), (7, 31, 9)), ((1, 5, 5), (3, 5, 5)), ((5, 1, 6), (5, 1, 2)),
+     ((12, 13), (30, 5)), ((40, 24, 32), (91, 20, 33))],
+)
+def test_separable_resampling_equals_nd_scipy_zoom(shape, new_shape):
+    rng = np.random.default_rng(7)
+    x = (rng.normal(0, 300, (2, *shape)) - 500).astype(np.float32)
+    x = np.ascontiguousarray(np.swapaxes(x, 1, -1)).swapaxes(1, -1)  # a strided view, as after Transposed
+    got = resample_image(x, new_shape)
+    for c in range(2):
+        ref = np.clip(_scipy_zoom(x[c], new_shape, 3), x[c].min(), x[c].max())
+        np.testing.assert_allclose(got[c], ref, rtol=1e-6, atol=1e-6 * np.abs(x).max())
+    seg = rng.integers(-1, 7, (1, *shape)).astype(np.int16)
+    np.testing.assert_array_equal(resample_labels(seg, new_shape)[0], _scipy_zoom(seg[0], new_shape, 0))
+    np.testing.assert_array_equal(resample_labels(seg >= 0, new_shape)[0],
+                                  _scipy_zoom((seg[0] >= 0).astype(np.uint8), new_shape, 0).astype(bool))
+
+
+def test_resampling_replaces_nan_and_inf_as_nan_to_num():
+    x = np.random.default_rng(8).random((1, 6, 7, 5)).astype(np.float32)
+    x[0, 1, 2, 3], x[0, 4, 4, 4], x[0, 0, 0, 0] = np.nan, np.inf, -np.inf
+    ref = np.nan_to_num(x, nan=0.0)
+    got = resample_image(x, (9, 5, 5))[0]
+    expected = np.clip(_scipy_zoom(ref[0], (9, 5, 5), 3), ref.min(), ref.max())
+    assert np.isfinite(got).all()  # inf became the float32 extremes: only float64 rounding of those remains
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12 * float(np.finfo(np.float32).max))
+    np.testing.assert_array_equal(resample_image(x, (6, 7, 5)), ref)  # unchanged shape: just the replacement
+
+
 @pytest.mark.parametrize("new_shape", [[9, 7, 5], [30, 25, 19]])
 def test_instance_ids_are_preserved_without_mixing(new_shape):
     rng = np.random.default_rng(5)
@@ -145,6 +192,33 @@ def test_crop_marks_outside_body_and_keeps_body_mask():
     image[0, 2, 3, 1] = image[1, 2, 3, 1] = 0.0  # a corner outside the body (not a hole)
     out = CropForegroundNonzerod("image")({"image": image})  # unlabeled input still gets the body mask
     assert not out["mask"][0, 0, 0, 0] and out["mask"].sum() == 6**3 - 1 and "seg" not in out
+
+
+def test_fill_holes_and_crop_equal_scipy_binary_fill_holes():
+    from scipy import ndimage
+
+    from planner.crop import bbox_of_mask, crop_case, crop_to_bbox, fill_holes
+
+    rng = np.random.default_rng(9)
+    for trial in range(200):
+        shape = tuple(int(n) for n in rng.integers(1, 9, rng.integers(1, 4)))
+        mask = rng.random(shape) < rng.random()
+        if trial % 3 == 0:
+            mask = ndimage.binary_dilation(mask)
+        np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+    for trial in range(100):
+        data = (rng.random((2, *rng.integers(1, 10, 3))) < 0.3).astype(np.float32)
+        if trial % 2:
+            data = np.pad(data, ((0, 0), (2, 2), (1, 3), (0, 2)))
+        seg = rng.integers(0, 3, data.shape[1:]).astype(np.int32)
+        body = ndimage.binary_fill_holes(np.any(data != 0, axis=0))  # the rule on the whole volume
+        bbox = bbox_of_mask(body)
+        ref = crop_to_bbox(seg, bbox).copy()
+        ref[(ref == 0) & ~crop_to_bbox(body, bbox)] = -1
+        data_c, seg_c, got_bbox = crop_case(data, seg)
+        assert got_bbox == bbox
+        np.testing.assert_array_equal(data_c, crop_to_bbox(data, bbox))
+        np.testing.assert_array_equal(seg_c, ref)
 
 
 # ---------------------------------------------------------------------------------- whole task
