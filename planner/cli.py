@@ -310,13 +310,22 @@ def predict_main(argv: list[str] | None = None) -> None:
     p = _infer_parser("nndet_predict", "Predict the preprocessed test cases (imagesTs) with the ensemble of trained "
                       "folds -> <bundle>/test_predictions/<case>_boxes.json (original voxels + world mm)", fold=False)
     p.add_argument("--fold", type=int, default=-1, help="-1: every trained fold (ensemble); else that fold only")
+    p.add_argument("--input_dir", default=None, help="any folder of raw NIfTI cases (<case>_0000.nii.gz per "
+                   "modality) instead of the preprocessed imagesTs")
+    p.add_argument("--output_dir", default=None, help="with --input_dir: where <case>_boxes.json go")
     a = p.parse_intermixed_args(argv)
     _setup_logging()
-    from planner.infer import predict_test
+    from planner.infer import predict_dir, predict_test
 
     folds = None if a.fold == -1 else [a.fold]
-    out = _run(predict_test, a.task, model=a.model, plan=a.plan, folds=folds, num_tta=a.num_tta,
-               overwrite=a.overwrite)
+    if a.input_dir:
+        if not a.output_dir:
+            raise SystemExit("--input_dir needs --output_dir")
+        out = _run(predict_dir, a.task, a.input_dir, a.output_dir, model=a.model, plan=a.plan, folds=folds,
+                   num_tta=a.num_tta, overwrite=a.overwrite)
+    else:
+        out = _run(predict_test, a.task, model=a.model, plan=a.plan, folds=folds, num_tta=a.num_tta,
+                   overwrite=a.overwrite)
     print(f"predictions: {out}")
 
 

@@ -338,3 +338,29 @@ def evaluate_test(task: str | int, model: str | None = None, plan: str | None = 
         return load_nifti(task_root / "raw_splitted" / "imagesTs" / f"{case}_0000.nii.gz", p.dim)[0]
 
     return _evaluate_and_plot(preds, gts, ids, _classes(p), bundle / "test_results", plots, image_of)
+
+
+def predict_dir(task: str | int, input_dir: str | Path, output_dir: str | Path, model: str | None = None,
+                plan: str | None = None, folds: Sequence[int] | None = None, num_tta: int | None = None,
+                overwrite: bool = False, device: str | None = None) -> Path:
+    """`nndet_predict TASK --input_dir IN --output_dir OUT`: any folder of raw NIfTI cases (``<case>_0000.nii.gz``
+    per modality) through the bundle's own preprocessing definition and the fold ensemble; writes
+    ``<output_dir>/<case>_boxes.json`` with the fields of :func:`predict_test` (the consolidated bundle's
+    ``inference.json`` runs the same function)."""
+    from planner.preprocess.run import load_preprocessing
+
+    task_name = paths.resolve_task(task)
+    bundle = bundle_for(task_name, model, plan)
+    p = _plan_of(bundle)
+    _fresh_scripts_import(bundle)
+    from bundles.retinaunet_template.scripts import predict as predict_mod
+
+    folds = list(folds) if folds is not None else trained_folds(bundle)
+    if not folds:
+        raise FileNotFoundError(f"{bundle}: no trained fold; run `nndet_train {task_name}` first")
+    cases = predict_mod.find_cases(input_dir, len(p.modalities), p.modalities)
+    params = ensemble_params(bundle, folds)
+    dets = [load_detector(bundle, f, "last", device) for f in folds]
+    return predict_mod.predict_folder(cases, output_dir, dets, load_preprocessing(bundle), p.patch_size, p.batch_size,
+                                      num_tta=num_tta, params=params, device=_device(device), overwrite=overwrite,
+                                      task=task_name, model=bundle.name, folds=folds, classes=p.labels)

@@ -123,6 +123,15 @@ def test_sweep_eval_predict_and_test_eval_through_the_cli(trained, capsys):
     np.testing.assert_allclose(world, voxel - 0.5, atol=1e-6)
     assert (voxel[:, :3] >= 0).all() and (voxel[:, 3:] <= 32).all()
 
+    # any folder of raw NIfTI cases: the same preprocessing definition online gives the same boxes
+    raw_dir = trained.parents[2].parent / "data" / trained.parents[1].name / "raw_splitted" / "imagesTs"
+    out_dir = trained.parents[2].parent / "raw_predictions"
+    cli.main(["predict", "000", "--plan", PLAN, "--num_tta", "4", "--input_dir", str(raw_dir), "--output_dir", str(out_dir)])
+    online = json.loads((out_dir / "case_8_boxes.json").read_text())
+    order = np.argsort(-np.asarray(d["scores"]), kind="stable")
+    np.testing.assert_allclose(np.asarray(online["boxes"]).reshape(-1, 6), voxel[order], atol=1e-4)
+    np.testing.assert_allclose(online["scores"], np.asarray(d["scores"])[order], atol=1e-6)
+
     cli.main(["eval", "000", "--plan", PLAN, "--test"])
     test_results = json.loads((trained.parent / "test_results" / "results_boxes.json").read_text())
     # two test cases: a class without objects there enters the class mean as -1 (nnDetection's convention);
