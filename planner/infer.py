@@ -29,7 +29,7 @@ import numpy as np
 from planner import paths
 from planner.io import load_json, save_json
 from planner.plan.plan import Plan
-from planner.train import TRAIN_CONFIG, _fresh_scripts_import, bundle_for
+from planner.train import TRAIN_CONFIG, _fresh_scripts_import, bundle_for, fold_finished
 
 logger = logging.getLogger(__name__)
 
@@ -44,29 +44,23 @@ def _template():
 
 
 def _device(device: str | None = None):
-    import torch
+    from bundles.retinaunet_template.scripts.predict import resolve_device
 
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return resolve_device(device)
 
 
 def load_detector(bundle: Path, fold: int, ckpt: str = "last", device: str | None = None):
     """The fold's detector: the network definition of the bundle's ``train.json`` (``network_def``, the one
     definition train and inference share) with ``fold<X>/model_<ckpt>.pt`` weights, in eval mode."""
-    import torch
-    from monai.bundle import ConfigParser
-
     weights = bundle / f"fold{fold}" / f"model_{ckpt}.pt"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: fold {fold} is not trained; run `nndet_train ... -o exp.fold={fold}`")
     _fresh_scripts_import(bundle)
     if str(bundle) not in sys.path:
-        sys.path.insert(0, str(bundle))
-    parser = ConfigParser()
-    parser.read_config(str(bundle / TRAIN_CONFIG))
-    parser["bundle_root"] = str(bundle)
-    net = parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["network"])
-    return net.to(_device(device)).eval()
+        sys.path.insert(0, str(bundle))  # the config's ``scripts.*`` targets, as under monai.bundle run
+    from bundles.retinaunet_template.scripts.predict import load_detectors
+
+    return load_detectors(bundle / TRAIN_CONFIG, [weights], bundle, device=device)[0]
 
 
 def _plan_of(bundle: Path) -> Plan:
@@ -75,6 +69,17 @@ def _plan_of(bundle: Path) -> Plan:
 
 def _classes(plan: Plan) -> list[str]:
     return [plan.labels[k] for k in sorted(plan.labels, key=int)]
+
+
+def _images_dir(task_name: str, plan: Plan, split: str = "Tr") -> Path:
+    return paths.det_data() / task_name / "preprocessed" / plan.plan_id / f"images{split}"
+
+
+def _folds_or_trained(bundle: Path, folds: Sequence[int] | None) -> list[int]:
+    folds = list(folds) if folds is not None else trained_folds(bundle)
+    if not folds:
+        raise FileNotFoundError(f"{bundle}: no trained fold; run `nndet_train {bundle.parent.name}` first")
+    return folds
 
 
 def _val_cases(task_name: str, plan: Plan, fold: int) -> tuple[Path, list[str]]:
@@ -110,11 +115,10 @@ def predict_val(task: str | int, fold: int = 0, model: str | None = None, plan: 
     if not todo:
         logger.info("validation predictions of fold %d exist in %s (overwrite to recompute)", fold, out)
         return out
-    det = load_detector(bundle, fold, ckpt, device)
+    det, dev = load_detector(bundle, fold, ckpt, device), _device(device)
     for case in tqdm(todo, desc=f"predict val fold {fold}", unit="case"):
         image = np.load(images_dir / f"{case}.npy", mmap_mode="r")
-        pred = inference.predict_case([det], image, p.patch_size, p.batch_size, num_tta=num_tta,
-                                      device=_device(device))
+        pred = inference.predict_case([det], image, p.patch_size, p.batch_size, num_tta=num_tta, device=dev)
         inference.save_raw_predictions(pred, out / f"{case}{RAW_SUFFIX}")
     return out
 
@@ -200,7 +204,7 @@ def evaluate_fold(task: str | int, fold: int = 0, model: str | None = None, plan
     for case, pred in zip(ids, preds, strict=True):
         save_json({"case_id": case, "frame": "preprocessed voxels (StandardMode, half-open)", **pred},
                   pred_dir / f"{case}_boxes.json")
-    images_dir = _val_cases(task_name, p, fold)[0]
+    images_dir = _images_dir(task_name, p)
     return _evaluate_and_plot(preds, gts, ids, _classes(p), out, plots,
                               lambda c: np.load(images_dir / f"{c}.npy", mmap_mode="r")[0])
 
@@ -223,15 +227,8 @@ def _evaluate_and_plot(preds, gts, ids, classes, out: Path, plots: bool, image_o
 
 def trained_folds(bundle: Path) -> list[int]:
     """Folds with a finished ``model_last.pt``."""
-    import torch
-
-    folds = []
-    for d in sorted(bundle.glob("fold*")):
-        last = d / "model_last.pt"
-        if d.name[4:].isdigit() and last.is_file() and torch.load(last, map_location="cpu",
-                                                                   weights_only=True).get("finished"):
-            folds.append(int(d.name[4:]))
-    return folds
+    return [int(d.name[4:]) for d in sorted(bundle.glob("fold*"))
+            if d.name[4:].isdigit() and fold_finished(d / "model_last.pt") is not None]
 
 
 def ensemble_params(bundle: Path, folds: Sequence[int]) -> dict[str, Any] | None:
@@ -265,10 +262,8 @@ def predict_test(task: str | int, model: str | None = None, plan: str | None = N
     task_name = paths.resolve_task(task)
     bundle = bundle_for(task_name, model, plan)
     p = _plan_of(bundle)
-    folds = list(folds) if folds is not None else trained_folds(bundle)
-    if not folds:
-        raise FileNotFoundError(f"{bundle}: no trained fold; run `nndet_train {task_name}` first")
-    images_dir = paths.det_data() / task_name / "preprocessed" / p.plan_id / "imagesTs"
+    folds = _folds_or_trained(bundle, folds)
+    images_dir = _images_dir(task_name, p, "Ts")
     cases = sorted(f.stem for f in images_dir.glob("*.json")) if images_dir.is_dir() else []
     if not cases:
         raise FileNotFoundError(f"{images_dir}: no preprocessed test cases (raw_splitted/imagesTs + nndet_prep)")
@@ -277,25 +272,18 @@ def predict_test(task: str | int, model: str | None = None, plan: str | None = N
     if not todo:
         logger.info("test predictions exist in %s (overwrite to recompute)", out)
         return out
+    from bundles.retinaunet_template.scripts.predict import prediction_record
+
     params = ensemble_params(bundle, folds)
     dets = [load_detector(bundle, f, "last", device) for f in folds]
-    classes = _classes(p)
+    dev = _device(device)
     for case in tqdm(todo, desc=f"predict test ({len(folds)} fold(s))", unit="case"):
         props = load_json(images_dir / f"{case}.json")
         image = np.load(images_dir / f"{case}.npy", mmap_mode="r")
         pred = inference.predict_case(dets, image, p.patch_size, p.batch_size, num_tta=num_tta, params=params,
-                                      device=_device(device)).detections
-        voxel = inference.restore_boxes(pred.boxes, props)
-        world = inference.voxel_boxes_to_world(voxel, np.asarray(props["affine"]))
-        labels = np.asarray(pred.labels, dtype=np.int64)
-        save_json({
-            "case_id": case, "task": task_name, "model": bundle.name, "folds": folds,
-            "boxes": voxel.tolist(), "boxes_world_mm": world.tolist(), "scores": np.asarray(pred.scores).tolist(),
-            "labels": labels.tolist(), "class_names": [classes[int(c)] for c in labels],
-            "box_mode": "StandardMode (x1, y1, z1, x2, y2, z2), half-open voxel indices of the original image",
-            "world_frame": "RAS+ millimetres (NIfTI affine); [min_x, min_y, min_z, max_x, max_y, max_z] over voxel edges",
-            "params": params,
-        }, out / f"{case}_boxes.json")
+                                      device=dev).detections
+        save_json(prediction_record(case, pred, props, props["affine"], p.labels, params, task_name, bundle.name,
+                                    folds), out / f"{case}_boxes.json")
     return out
 
 
@@ -352,12 +340,9 @@ def predict_dir(task: str | int, input_dir: str | Path, output_dir: str | Path, 
     task_name = paths.resolve_task(task)
     bundle = bundle_for(task_name, model, plan)
     p = _plan_of(bundle)
-    _fresh_scripts_import(bundle)
     from bundles.retinaunet_template.scripts import predict as predict_mod
 
-    folds = list(folds) if folds is not None else trained_folds(bundle)
-    if not folds:
-        raise FileNotFoundError(f"{bundle}: no trained fold; run `nndet_train {task_name}` first")
+    folds = _folds_or_trained(bundle, folds)
     cases = predict_mod.find_cases(input_dir, len(p.modalities), p.modalities)
     params = ensemble_params(bundle, folds)
     dets = [load_detector(bundle, f, "last", device) for f in folds]

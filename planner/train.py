@@ -104,6 +104,16 @@ def check_override_ids(config_file: Path, overrides: dict[str, Any]) -> None:
                          "(nested ids with '#', e.g. train#trainer#max_epochs)")
 
 
+def fold_finished(last: Path) -> dict[str, Any] | None:
+    """The state of ``fold<X>/model_last.pt`` if that training ran to its end, else None."""
+    if not last.is_file():
+        return None
+    import torch
+
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    return state if state.get("finished") else None
+
+
 def bundle_for(task: str | int, model: str | None = None, plan: str | None = None) -> Path:
     """The generated bundle folder ``$det_models/<task>/<model>`` (default: the main plan's, or ``plan``'s)."""
     task_name = paths.resolve_task(task)
@@ -143,7 +153,7 @@ def run_training(
     from monai.bundle import run
 
     bundle = bundle_for(task, model, plan)
-    if tracking is not None and tracking == "mlflow":
+    if tracking == "mlflow":
         import importlib.util
 
         if importlib.util.find_spec("mlflow") is None:
@@ -155,14 +165,11 @@ def run_training(
     fold_dir = bundle / f"fold{fold}"
     last = fold_dir / "model_last.pt"
     check_override_ids(bundle / TRAIN_CONFIG, ov)
-    if ov["resume"] and last.is_file():
-        import torch
-
-        state = torch.load(last, map_location="cpu", weights_only=True)
-        if state.get("finished"):
-            logger.info("fold %d of %s is trained (%s, epoch %d); `--no_resume` (API: resume=False) trains it again",
-                        fold, bundle.name, last, state.get("epoch", -1))
-            return fold_dir
+    state = fold_finished(last) if ov["resume"] else None
+    if state is not None:
+        logger.info("fold %d of %s is trained (%s, epoch %d); `--no_resume` (API: resume=False) trains it again",
+                    fold, bundle.name, last, state.get("epoch", -1))
+        return fold_dir
     # splits exist before the run starts (created once, deterministic), so a bad file fails early
     from bundles.retinaunet_template.scripts.trainer import fold_data
 

@@ -45,6 +45,34 @@ BOX_MODE = "StandardMode (x1, y1, z1, x2, y2, z2), half-open voxel indices of th
 WORLD_FRAME = "RAS+ millimetres (NIfTI affine); [min_x, min_y, min_z, max_x, max_y, max_z] over voxel edges"
 
 
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, or CUDA when available, else the CPU."""
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def prediction_record(case_id: str, det: Any, properties: Mapping[str, Any], affine: Any,
+                      classes: Mapping[str, str], params: Any, task: str = "", model: str = "",
+                      folds: Sequence[int] = ()) -> dict[str, Any]:
+    """The ``<case>_boxes.json`` content of one case (``predict_folder`` and ``planner.infer.predict_test``).
+
+    Args:
+        det: final ``inference.Detections`` in preprocessed voxels, in the order to write them.
+        properties: the preprocessing bookkeeping ``inference.restore_boxes`` needs.
+        affine: the original image's affine (world boxes).
+        classes: label index (str) -> class name.
+        params: postprocessing parameters to record.
+    """
+    voxel = restore_boxes(det.boxes, properties)
+    world = voxel_boxes_to_world(voxel, np.asarray(affine))
+    labels = np.asarray(det.labels, dtype=np.int64)
+    return {
+        "case_id": case_id, "task": task, "model": model, "folds": [int(f) for f in folds],
+        "boxes": voxel.tolist(), "boxes_world_mm": world.tolist(), "scores": np.asarray(det.scores).tolist(),
+        "labels": labels.tolist(), "class_names": [classes.get(str(int(c)), str(int(c))) for c in labels],
+        "box_mode": BOX_MODE, "world_frame": WORLD_FRAME, "params": params,
+    }
+
+
 def _modality_text(modalities: Mapping[str, str] | None, num_modalities: int) -> str:
     names = dict(modalities or {})
     return ", ".join(f"_{m:04d} = {names.get(str(m), f'modality {m}')}" for m in range(num_modalities))
@@ -120,7 +148,7 @@ def load_detectors(network_config: str | Path, model_files: Sequence[str | Path]
     if missing:
         raise FileNotFoundError(f"model weights missing: {missing}. The bundle was consolidated without weights "
                                 "(--no_model)? Run nndet_consolidate again without --no_model, or copy the weights there")
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     parser = ConfigParser()
     parser.read_config(str(network_config))
     parser["bundle_root"] = str(root)
@@ -165,7 +193,7 @@ def predict_folder(cases: Sequence[CaseFiles], output_dir: str | Path, detectors
     """
     out = Path(output_dir)
     dim = len(patch_size)
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     names = dict(classes or {})
     todo = [c for c in cases if overwrite or not (out / f"{c.case_id}{OUTPUT_SUFFIX}").is_file()]
     if len(todo) < len(cases):
@@ -178,14 +206,7 @@ def predict_folder(cases: Sequence[CaseFiles], output_dir: str | Path, detectors
                             device=dev, amp=amp, overlap=overlap)
         det = pred.detections
         det = det.select(np.argsort(-det.scores, kind="stable"))  # WBC orders by cluster head, not final score
-        voxel = restore_boxes(det.boxes, pre)
-        world = voxel_boxes_to_world(voxel, np.asarray(case.affine))
-        labels = np.asarray(det.labels, dtype=np.int64)
-        save_json({
-            "case_id": files.case_id, "task": task, "model": model, "folds": [int(f) for f in folds],
-            "boxes": voxel.tolist(), "boxes_world_mm": world.tolist(), "scores": np.asarray(det.scores).tolist(),
-            "labels": labels.tolist(), "class_names": [names.get(str(int(c)), str(int(c))) for c in labels],
-            "box_mode": BOX_MODE, "world_frame": WORLD_FRAME, "params": pred.params,
-        }, out / f"{files.case_id}{OUTPUT_SUFFIX}")
+        save_json(prediction_record(files.case_id, det, pre, case.affine, names, pred.params, task, model, folds),
+                  out / f"{files.case_id}{OUTPUT_SUFFIX}")
     logger.info("predictions of %d case(s) in %s", len(cases), out)
     return out
