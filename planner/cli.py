@@ -219,7 +219,7 @@ def train_main(argv: list[str] | None = None) -> None:
 
         fold = int(fold_dir.name[4:])
         res = _run(sweep_fold, a.task, fold, model=fold_dir.parent.name)
-        print(f"sweep: {res.metric} {res.default_score:.4f} -> {res.score:.4f} with {res.params}")
+        _print_sweep(res, fold)
         _print_metrics(_run(evaluate_fold, a.task, fold, model=fold_dir.parent.name), fold_dir / "val_results")
 
 
@@ -244,6 +244,10 @@ def _model_and_fold(model: str | None, fold: str | None) -> tuple[str | None, in
     return model, int(fold) if fold is not None else 0
 
 
+def _print_sweep(res, fold: int) -> None:
+    print(f"sweep fold {fold}: {res.metric} {res.default_score:.4f} (defaults) -> {res.score:.4f}\nparams {res.params}")
+
+
 def _print_metrics(metrics: dict[str, float], out: Path) -> None:
     keys = ["AP_IoU_0.10_MaxDet_100", "mAP_IoU_0.10_0.50_0.05_MaxDet_100", "AP_IoU_0.50_MaxDet_100",
             "FROC_score_IoU_0.10", "AR_IoU_0.10_MaxDet_100"]
@@ -251,8 +255,7 @@ def _print_metrics(metrics: dict[str, float], out: Path) -> None:
     for k in keys:
         if k in metrics:
             print(f"| {k} | {metrics[k]:.4f} |")
-    per_class = {k: v for k, v in metrics.items() if k.endswith("_AP_IoU_0.10_MaxDet_100") and k != keys[0]
-                 and not k.startswith("mAP")}
+    per_class = {k: v for k, v in metrics.items() if k.endswith("_AP_IoU_0.10_MaxDet_100")}
     for k, v in per_class.items():
         print(f"| {k} | {v:.4f} |")
     absent = [k[: -len("_AP_IoU_0.10_MaxDet_100")] for k, v in per_class.items() if v == -1]
@@ -283,7 +286,7 @@ def sweep_main(argv: list[str] | None = None) -> None:
 
     model, fold = _model_and_fold(a.model, a.fold)
     res = _run(sweep_fold, a.task, fold, model=model, plan=a.plan, num_tta=a.num_tta, overwrite=a.overwrite)
-    print(f"sweep fold {fold}: {res.metric} {res.default_score:.4f} (defaults) -> {res.score:.4f}\nparams {res.params}")
+    _print_sweep(res, fold)
 
 
 def eval_main(argv: list[str] | None = None) -> None:
@@ -358,7 +361,7 @@ def demo(preset: str = "cpu", num_processes: int | None = None, train_fold: bool
     from planner.infer import evaluate_fold, evaluate_test, predict_test, sweep_fold
 
     res = _run(sweep_fold, "000", 0, plan=plan_id)
-    print(f"sweep fold 0: {res.metric} {res.default_score:.4f} (defaults) -> {res.score:.4f}, params {res.params}")
+    _print_sweep(res, 0)
     print("\n== validation (fold 0) ==")
     _print_metrics(_run(evaluate_fold, "000", 0, plan=plan_id), fold_dir / "val_results")
     from planner.consolidate import consolidate

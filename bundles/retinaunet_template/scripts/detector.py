@@ -150,16 +150,15 @@ def class_wise_nms(
             logger.debug("class-wise NMS: ops.batched_nms")
         except ImportError:
             # MONAI's Python-loop NMS: correct, slow on many boxes (we cap at topk before it).
-            from monai.data.box_utils import batched_nms as nms
+            from monai.data.box_utils import batched_nms as monai_batched_nms
+
+            def nms(b, s, lab, iou, max_keep=None):  # ops' signature; MONAI has no early stop
+                return monai_batched_nms(b, s, lab, iou)[:max_keep]
 
             logger.debug("class-wise NMS: monai.data.box_utils.batched_nms (ops not importable)")
         _NMS = nms
-    if max_keep is not None and getattr(_NMS, "__module__", "").startswith("ops"):
-        kept = _NMS(boxes, scores, labels, iou, max_keep=max_keep)
-    else:
-        kept = _NMS(boxes, scores, labels, iou)
-    keep = torch.as_tensor(kept, dtype=torch.long, device=boxes.device)
-    return keep[torch.argsort(scores[keep], descending=True, stable=True)][:max_keep]
+    keep = torch.as_tensor(_NMS(boxes, scores, labels, iou, max_keep=max_keep), dtype=torch.long, device=boxes.device)
+    return keep[torch.argsort(scores[keep], descending=True, stable=True)]
 
 
 def _flatten_levels(maps: list[torch.Tensor], per_anchor: int) -> torch.Tensor:
