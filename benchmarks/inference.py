@@ -241,7 +241,7 @@ def run_one(cfg: dict) -> dict:
     device = torch.device(cfg["device"])
     cuda = device.type == "cuda"
     plan = make_plan(cfg["shape"], cfg["spacing"], cfg["preset"])
-    shape_t = [int(cfg["shape"][a]) for a in plan.transpose_forward]
+    shape_t = [int((cfg.get("volume") or cfg["shape"])[a]) for a in plan.transpose_forward]
     vol = ct_volume(shape_t, seed=cfg["seed"])
     patch, batch = list(plan.patch_size), int(plan.batch_size)
     meter = Meter(cuda)
@@ -290,10 +290,36 @@ def run_one(cfg: dict) -> dict:
     return {**cfg, **extra, "wall": wall, "net_s": meter.net_s, "nms_s": meter.nms_s, "merge_s": meter.merge_s,
             "tiles": meter.images, "nms_in": meter.nms_in, "nms_kept": meter.nms_kept, "peak": peak,
             "peak_inc": peak - base, "patch": patch, "batch": batch, "vol_shape": shape_t,
+            "transpose": list(plan.transpose_forward),
             "params_per_net": sum(p.numel() for p in detectors[0].parameters())}
 
 
 # ------------------------------------------------------------------------------------ driver
+def full_grid_tiles(shape_t, patch) -> dict[str, int]:
+    """Network passes per member for a whole ``shape_t`` volume: nnDetection's grid (ours) and MONAI's."""
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    ours = len(inf_mod.tile_starts(shape_t, patch, 0.5))
+    interval = _get_scan_interval(shape_t, patch, len(patch), (0.5,) * len(patch))
+    return {"ours": ours, "monai": len(dense_patch_slices(shape_t, patch, interval))}
+
+
+def print_extrapolation(results: list[dict], shape, r0: dict) -> None:
+    """Measured time per network pass x the passes a whole ``shape`` volume needs (labelled as such)."""
+    plan_t = [int(shape[a]) for a in r0["transpose"]]
+    tiles = full_grid_tiles(plan_t, r0["patch"])
+    print(f"\nExtrapolated to the whole volume [1, {', '.join(map(str, plan_t))}] (raw {'x'.join(map(str, shape))}; "
+          f"not measured): tiles per member {tiles['ours']} (ours, nnDetection's grid) / {tiles['monai']} (MONAI's); "
+          "wall = measured wall per network pass x passes\n")
+    print("| method | folds x TTA | network passes | measured s per pass | extrapolated wall |\n|---|---|---|---|---|")
+    for r in results:
+        passes = tiles[r["method"]] * r["members"]
+        per = r["wall"] / max(1, r["tiles"])
+        print(f"| {r['method']} | {r['folds']} x {r['tta']} | {passes} | {per:.2f} | {passes * per / 60:.1f} min |")
+
+
+
 def _fmt_s(s: float) -> str:
     return f"{s * 1e3:.0f} ms" if s < 1 else f"{s:.2f} s"
 
@@ -303,6 +329,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", choices=["default", "cpu"], default="default")
     p.add_argument("--shape", type=int, nargs=3, default=[512, 512, 256], help="raw axis order (i, j, k)")
     p.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 1.5], help="mm, raw axis order")
+    p.add_argument("--volume", type=int, nargs=3, default=None,
+                   help="predict a volume of this raw (i, j, k) shape with the plan made for --shape (default: --shape); "
+                        "the table then adds a per-network-pass extrapolation to the --shape volume")
     p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="METHOD:FOLDS:TTA, METHOD ours|monai")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -314,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     base = {"preset": args.preset, "shape": args.shape, "spacing": args.spacing, "device": device,
-            "seed": args.seed}
+            "seed": args.seed, "volume": args.volume}
     results = []
     for spec in args.runs:
         method, folds, tta = spec.split(":")
@@ -356,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
             str(r["members"]), str(r["tiles"]), str(r["nms_in"]), str(r["nms_kept"]), str(r.get("raw", r["final"])), str(r["final"]),
             _fmt_s(r["wall"]), _fmt_s(r["net_s"]), _fmt_s(r["nms_s"]), f"{_fmt_s(r['merge_s'])} ({merge})",
             f"{r['peak_inc'] / MIB:.0f} MiB", f"{r['peak'] / MIB:.0f} MiB", ratio]) + " |")
+    if args.volume is not None and list(args.volume) != list(args.shape):
+        print_extrapolation(results, args.shape, r0)
     if not gpu:
         print("\nGPU goal (issue 6; H100, default plan, 512x512x256): 5 folds x 8 TTA <= 30 s end to end, "
               "1 fold no TTA <= 3 s: **not measured: no GPU lent**.")

@@ -23,6 +23,9 @@ Full checks (``full=True``, one case per worker, progress bar) load every file o
 * images: no NaN/inf, not constant (all zero or a single value: an empty export);
 * labels: integer values, no negatives, and the ids in the map equal the ids in the json exactly
   (an id missing from either side is reported).
+
+``nndet_predict --check`` runs :func:`check_test_cases`: the quick and full checks of ``imagesTs`` only,
+images only (no label is needed to predict).
 """
 
 from __future__ import annotations
@@ -223,7 +226,40 @@ def full_check(task_root: Path, num_processes: int = 0) -> list[Problem]:
             with_labels = split == "Tr" or info.test_labels
             jobs += [(case_files(raw, c, info.num_modalities, split), info.dim, with_labels)
                      for c in list_case_ids(raw / f"images{split}")]
-    bar = dict(total=len(jobs), desc="full check", unit="case", disable=None)
+    return _run_case_checks(jobs, num_processes, "full check")
+
+
+def check_test_cases(task_root: Path, num_processes: int = 0) -> None:
+    """`nndet_predict --check`: the test images of ``raw_splitted/imagesTs``, before they are preprocessed.
+
+    The quick checks of the split (file names, every modality file of every case present) and the per-case
+    loading checks of :func:`check_case` (readable NIfTI, dimension, one grid across modalities, no NaN/inf,
+    not constant) on the images only: labels are not needed to predict (nnDetection's ``labels=False``).
+
+    Args:
+        task_root: the task folder (``$det_data/Task000D3_Example``).
+        num_processes: worker processes for loading the cases (0: in this process).
+
+    Raises:
+        DatasetError: ``problems`` holds (file, reason with fix) for every problem (dataset.json included).
+    """
+    task_root = Path(task_root)
+    info = load_dataset_info(task_root)
+    raw = task_root / "raw_splitted"
+    images_ts = raw / "imagesTs"
+    if not images_ts.is_dir() or not list_case_ids(images_ts):
+        raise DatasetError([(str(images_ts), "holds no test cases; put them there as <case>_<XXXX>.nii.gz "
+                             "(XXXX = 4-digit modality index, e.g. case_1_0000.nii.gz)")])
+    problems = _check_split(raw, "Ts", info, with_labels=False)
+    jobs = [(case_files(raw, c, info.num_modalities, "Ts"), info.dim, False) for c in list_case_ids(images_ts)]
+    problems += _run_case_checks(jobs, num_processes, "check test cases")
+    if problems:
+        raise DatasetError(problems)
+    logger.info("test case checks passed for %s (%d case(s))", images_ts, len(jobs))
+
+
+def _run_case_checks(jobs: list[tuple[CaseFiles, int, bool]], num_processes: int, desc: str) -> list[Problem]:
+    bar = dict(total=len(jobs), desc=desc, unit="case", disable=None)
     results: Iterable[list[Problem]]
     if num_processes > 0 and len(jobs) > 1:
         with multiprocessing.get_context().Pool(min(num_processes, len(jobs))) as pool:

@@ -310,9 +310,17 @@ def eval_main(argv: list[str] | None = None) -> None:
 
 
 def predict_main(argv: list[str] | None = None) -> None:
-    p = _infer_parser("nndet_predict", "Predict the preprocessed test cases (imagesTs) with the ensemble of trained "
-                      "folds -> <bundle>/test_predictions/<case>_boxes.json (original voxels + world mm)", fold=False)
+    p = _infer_parser("nndet_predict", "Preprocess the test cases (raw_splitted/imagesTs) with the bundle's "
+                      "preprocessing definition and predict them with the ensemble of trained folds -> "
+                      "<bundle>/test_predictions/<case>_boxes.json (original voxels + world mm)", fold=False)
     p.add_argument("--fold", type=int, default=-1, help="-1: every trained fold (ensemble); else that fold only")
+    p.add_argument("--no_preprocess", action="store_true", help="use preprocessed/<plan>/imagesTs as it is "
+                   "(every test case must be there)")
+    p.add_argument("--check", action="store_true", help="check the test images (names, modalities, readable, one "
+                   "grid, no NaN/constant) before preprocessing")
+    p.add_argument("-npp", "--num_processes_preprocessing", type=int, default=None,
+                   help="workers for --check and preprocessing (default: det_num_threads)")
+    p.add_argument("--force_args", action="store_true", help="predict TASK with a model trained on another task")
     p.add_argument("--input_dir", default=None, help="any folder of raw NIfTI cases (<case>_0000.nii.gz per "
                    "modality) instead of the preprocessed imagesTs")
     p.add_argument("--output_dir", default=None, help="with --input_dir: where <case>_boxes.json go")
@@ -324,11 +332,15 @@ def predict_main(argv: list[str] | None = None) -> None:
     if a.input_dir:
         if not a.output_dir:
             raise SystemExit("--input_dir needs --output_dir")
+        if a.no_preprocess or a.check:
+            raise SystemExit("--no_preprocess and --check apply to raw_splitted/imagesTs, not to --input_dir "
+                             "(whose cases are always preprocessed in memory)")
         out = _run(predict_dir, a.task, a.input_dir, a.output_dir, model=a.model, plan=a.plan, folds=folds,
                    num_tta=a.num_tta, overwrite=a.overwrite)
     else:
         out = _run(predict_test, a.task, model=a.model, plan=a.plan, folds=folds, num_tta=a.num_tta,
-                   overwrite=a.overwrite)
+                   overwrite=a.overwrite, preprocess=not a.no_preprocess, check=a.check,
+                   num_processes_preprocessing=a.num_processes_preprocessing, force_args=a.force_args)
     print(f"predictions: {out}")
 
 
@@ -338,9 +350,10 @@ DEMO_SCHEDULE = {"epochs": 10, "iterations": 50, "warmup": 50, "swa_epochs": 2}
 
 
 def demo(preset: str = "cpu", num_processes: int | None = None, train_fold: bool = True) -> None:
-    """The README's main job on the built-in toy data: example -> prep (``cpu`` planner preset when the toy
-    preset is ``cpu``) -> training of fold 0 on a short schedule -> sweep -> validation metrics -> test
-    predictions -> test metrics (printed as a table, with the paths of the plots)."""
+    """The README's main job on the built-in toy data: example, then ``nndet run 000`` on fold 0 with the
+    short :data:`DEMO_SCHEDULE` (``cpu`` planner preset when the toy preset is ``cpu``): prep -> train ->
+    sweep -> validation metrics -> consolidate -> test predictions -> test metrics, printed as tables with
+    the paths of the plots. Rerunning it resumes (finished stages are reused)."""
     from planner.toy import generate_example
 
     _setup_logging()
@@ -353,37 +366,88 @@ def demo(preset: str = "cpu", num_processes: int | None = None, train_fold: bool
     except FileNotFoundError:
         _run(generate_example, root, preset=preset, num_processes=nproc)
     plan_preset = "cpu" if preset == "cpu" else "default"
-    result = prep("000", num_processes=nproc, num_processes_preprocessing=nproc, preset=plan_preset)
-    if not train_fold:
-        return
-    plan_id = result.plans[0].plan_id
-    fold_dir = train("000", overrides={**DEMO_SCHEDULE, "num_workers": nproc}, fold=0, plan=plan_id)
-    from planner.infer import evaluate_fold, evaluate_test, predict_test, sweep_fold
+    run_chain("000", folds=[0], preset=plan_preset, overrides=dict(DEMO_SCHEDULE), num_processes=nproc,
+              stages=None if train_fold else ("prep",))
 
-    res = _run(sweep_fold, "000", 0, plan=plan_id)
-    _print_sweep(res, 0)
-    print("\n== validation (fold 0) ==")
-    _print_metrics(_run(evaluate_fold, "000", 0, plan=plan_id), fold_dir / "val_results")
-    from planner.consolidate import consolidate
 
-    consolidated = fold_dir.parent / "consolidated"
-    if not consolidated.is_dir():
-        _run(consolidate, "000", plan=plan_id)
-    print(f"\nconsolidated inference bundle: {consolidated}")
-    _run(predict_test, "000", plan=plan_id, folds=[0])
-    print("\n== test set (imagesTs vs labelsTs) ==")
-    _print_metrics(_run(evaluate_test, "000", plan=plan_id), fold_dir.parent / "test_results")
+# ----------------------------------------------------------------------------------------- run
+def _print_stage(name: str, res) -> None:
+    if name == "sweep":
+        for f, sw in sorted(res.sweeps.items()):
+            print(f"sweep fold {f}: {sw['metric']} {sw['default_score']:.4f} (defaults) -> {sw['score']:.4f}\n"
+                  f"params {sw['params']}")
+    elif name == "eval":
+        for f, m in sorted(res.val_metrics.items()):
+            print(f"\n== validation (fold {f}) ==")
+            _print_metrics(m, res.bundle / f"fold{f}" / "val_results")
+    elif name == "consolidate":
+        print(f"\nconsolidated inference bundle: {res.consolidated}")
+    elif name == "test" and res.test_metrics is not None:
+        print("\n== test set (imagesTs vs labelsTs) ==")
+        _print_metrics(res.test_metrics, res.bundle / "test_results")
+
+
+def run_chain(task: str, **kwargs):
+    """``nndet run``: :func:`planner.run.run_task` with the tables printed after each stage and a stage summary."""
+    from planner.run import RUN_LOG, run_task
+
+    if kwargs.get("stages") is None:
+        kwargs.pop("stages", None)
+    res = _run(run_task, task, on_stage=_print_stage, **kwargs)
+    if res.stages:
+        print("\n| stage | status | time |\n|---|---|---|")
+        for e in res.stages:
+            print(f"| {e['stage']} | {e['status']} | {e['seconds']:.0f} s |")
+        total = sum(e["seconds"] for e in res.stages)
+        print(f"\ntotal {total / 60:.1f} min; stage log: {res.bundle / RUN_LOG}")
+    return res
+
+
+def run_main(argv: list[str] | None = None) -> None:
+    from planner.run import NUM_FOLDS
+    from planner.run import STAGES as stages
+
+    p = argparse.ArgumentParser(
+        prog="nndet run",
+        description="The whole chain for one task, resumable: " + " -> ".join(stages) + ". Every stage reuses what "
+                    "is already on disk, so rerunning the same command continues a stopped run.",
+        epilog="examples:\n  nndet run 000                       # 5 folds, default plan\n"
+               "  nndet run 000 --preset cpu --folds 0 -o epochs=10 -o iterations=50 -o warmup=50 -o swa_epochs=2\n"
+               "  nndet run 000 --stages predict test  # only predict and evaluate the test set\n"
+               "  nndet run 000 --folds 0 1 2 3 4 --overwrite  # after more folds: re-consolidate, re-predict",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", help="task id or name: 000, Task000 or Task000D3_Example")
+    p.add_argument("--folds", type=int, nargs="+", default=None, help=f"folds to train and ensemble "
+                   f"(default 0..{NUM_FOLDS - 1})")
+    p.add_argument("--plan", default=None, help="plan id, e.g. D3V001_3d or D3V001CPU_3d (default: the preset's main plan)")
+    p.add_argument("--preset", default=None, choices=["default", "cpu"], help="planner preset (default: default; "
+                   "cpu = narrow network on small patches for a few CPU cores)")
+    p.add_argument("-o", "--overrides", action="append", help="key=value of configs/train.json for training, "
+                   "e.g. -o epochs=10 -o lr=0.005")
+    p.add_argument("--stages", nargs="+", default=list(stages), choices=list(stages),
+                   help="run only these stages (always in chain order)")
+    p.add_argument("--num_tta", type=int, default=None, help="mirror TTA for sweep and prediction (default 8 in 3D, 4 in 2D)")
+    p.add_argument("-np", "--num_processes", type=int, default=None, help="workers for checks, preprocessing and "
+                   "data loading (default det_num_threads)")
+    p.add_argument("--device", default=None, help="cpu or cuda for inference (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace a consolidated bundle or test predictions "
+                   "made from another fold set (otherwise the run stops and names them)")
+    a = p.parse_args(argv)
+    _setup_logging()
+    run_chain(a.task, folds=a.folds, plan=a.plan, preset=a.preset, overrides=_parse_overrides(a.overrides),
+              stages=a.stages, num_tta=a.num_tta, num_processes=a.num_processes, device=a.device,
+              overwrite=a.overwrite)
 
 
 # nndet <command> [args]: commands with nnDetection's flags (-np, -o key=value) go to their argparse
 # entry point; everything else (demo, API-style calls) goes through fire.
-ARGPARSE_COMMANDS = {"env": env_main, "example": example_main, "prep": prep_main, "unpack": unpack_main,
+ARGPARSE_COMMANDS = {"run": lambda argv: run_main(argv), "env": env_main, "example": example_main, "prep": prep_main, "unpack": unpack_main,
                      "train": train_main, "sweep": sweep_main, "eval": eval_main, "predict": predict_main,
                      "consolidate": lambda argv: consolidate_main(argv), "boxes2nii": lambda argv: boxes2nii_main(argv)}
 
 
 class _Umbrella:
-    """nndet <command>: env, example, prep, unpack (same flags as nndet_<command>) and demo."""
+    """nndet <command>: run, env, example, prep, unpack, train, ... (same flags as nndet_<command>) and demo."""
 
     def demo(self, preset: str = "cpu", num_processes: int | None = None, train: bool = True):
         """Run the main job on the toy data (what `make demo` runs); --notrain stops after prep."""

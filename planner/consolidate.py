@@ -59,10 +59,16 @@ METRIC_KEYS = ("AP_IoU_0.10_MaxDet_100", "mAP_IoU_0.10_0.50_0.05_MaxDet_100", "A
                "FROC_score_IoU_0.10", "AR_IoU_0.10_MaxDet_100")
 
 
-def _select_folds(bundle: Path, num_folds: int | None) -> list[int]:
+def _select_folds(bundle: Path, num_folds: int | None, folds: Sequence[int] | None = None) -> list[int]:
     from planner.infer import trained_folds
 
     trained = trained_folds(bundle)
+    if folds is not None:
+        missing = [f for f in folds if f not in trained]
+        if missing:
+            raise FileNotFoundError(f"{bundle}: fold(s) {missing} are not trained (finished model_last.pt); "
+                                    f"trained: {trained}")
+        return sorted(int(f) for f in folds)
     if num_folds is None:
         if not trained:
             raise FileNotFoundError(f"{bundle}: no trained fold (fold<X>/model_last.pt with finished training); "
@@ -298,7 +304,8 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def consolidate(task: str | int, model: str | None = None, plan: str | None = None, num_folds: int | None = None,
-                sweep_boxes: bool = True, no_model: bool = False, overwrite: bool = False) -> Path:
+                sweep_boxes: bool = True, no_model: bool = False, overwrite: bool = False,
+                folds: Sequence[int] | None = None) -> Path:
     """Write ``<bundle>/consolidated/`` (see module docstring) and return it.
 
     Args:
@@ -308,6 +315,7 @@ def consolidate(task: str | int, model: str | None = None, plan: str | None = No
         sweep_boxes: postprocessing from the folds' sweeps (``planner.infer.ensemble_params``); else defaults.
         no_model: leave ``models/`` empty (configs, scripts and docs only).
         overwrite: replace an existing ``consolidated/``.
+        folds: exactly these folds (instead of ``num_folds``; all must be trained).
 
     Raises:
         FileExistsError: ``consolidated/`` exists and ``overwrite`` is False.
@@ -319,7 +327,7 @@ def consolidate(task: str | int, model: str | None = None, plan: str | None = No
     out = bundle / CONSOLIDATED
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (nndet_consolidate ... --overwrite) to replace it")
-    folds = _select_folds(bundle, num_folds)
+    folds = _select_folds(bundle, num_folds, folds)
     p = Plan.from_json(bundle / "configs" / "plan.json")
     params, source = _postprocessing(bundle, folds, sweep_boxes)
     metrics, per_fold = fold_metrics(bundle, folds)

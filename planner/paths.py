@@ -5,6 +5,8 @@ nnDetection users know these variables:
 * ``det_data``: root of the raw and preprocessed tasks (``$det_data/Task000D3_Example/...``).
 * ``det_models``: root of trained models and generated bundles.
 * ``det_num_threads``: worker processes for data loading / preprocessing (default 6).
+* ``det_torch_threads``: intra-op threads of the process that runs the network on the CPU (training,
+  inference; default: every core). Worker processes keep one thread each (``OMP_NUM_THREADS=1``).
 * ``det_verbose``: ``1`` for debug logging.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 REQUIRED_VARS = ("det_data", "det_models")
-OPTIONAL_VARS = {"det_num_threads": "6", "det_verbose": "0", "OMP_NUM_THREADS": "1"}
+OPTIONAL_VARS = {"det_num_threads": "6", "det_torch_threads": "", "det_verbose": "0", "OMP_NUM_THREADS": "1"}
 
 
 class EnvironmentError_(RuntimeError):
@@ -53,6 +55,34 @@ def num_threads() -> int:
         return max(0, int(raw))
     except ValueError as e:
         raise EnvironmentError_(f"det_num_threads must be an integer, got {raw!r}: export det_num_threads=4") from e
+
+
+def torch_threads() -> int:
+    """Intra-op threads for the network process on the CPU: ``det_torch_threads``, default every core."""
+    raw = os.environ.get("det_torch_threads", "")
+    if not raw:
+        return max(1, os.cpu_count() or 1)
+    try:
+        return max(1, int(raw))
+    except ValueError as e:
+        raise EnvironmentError_(f"det_torch_threads must be an integer, got {raw!r}: export det_torch_threads=2") from e
+
+
+def use_cpu_threads(device) -> int:
+    """On the CPU, let the network use ``torch_threads()`` intra-op threads; returns the count in use.
+
+    ``OMP_NUM_THREADS=1`` (nnDetection's setting, right for loader and preprocessing workers) would
+    otherwise leave all but one core idle while the network trains or predicts: a training step of the
+    ``cpu`` preset takes 1.8x less time with 2 threads than with 1 on a 2-core VM. Loader workers set one
+    thread each themselves. Nothing changes on a GPU device.
+    """
+    import torch
+
+    if getattr(device, "type", str(device)) == "cpu":
+        n = torch_threads()
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def verbose() -> bool:

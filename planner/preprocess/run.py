@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,8 @@ def _worker(job: CaseJob) -> tuple[str, str, Any]:
 
 
 def preprocess_task(
-    task_root: str | Path, bundle_dir: str | Path, plan: Plan, num_processes: int = 0, overwrite: bool = False
+    task_root: str | Path, bundle_dir: str | Path, plan: Plan, num_processes: int = 0, overwrite: bool = False,
+    splits: Sequence[str] = SPLITS,
 ) -> Path:
     """Preprocess the training and test cases of a task with the bundle's preprocessing config.
 
@@ -148,6 +150,8 @@ def preprocess_task(
         plan: the plan (its ``plan_id`` names the output folder).
         num_processes: worker processes (``spawn``); 0 runs in this process.
         overwrite: recompute cases whose json exists (otherwise they are skipped).
+        splits: which of ``"Tr"`` / ``"Ts"`` (``raw_splitted/images<split>``) to preprocess; ``nndet_predict``
+            passes ``("Ts",)``.
 
     Returns:
         ``task_root/preprocessed/<plan_id>``.
@@ -161,8 +165,11 @@ def preprocess_task(
         raise FileNotFoundError(f"{bundle_dir / PREPROCESSING_CONFIG} is missing: generate the bundle first")
     _check_bundle_matches(bundle_dir, plan)
     out_root = task_root / "preprocessed" / plan.plan_id
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise ValueError(f"splits {unknown} are not among {list(SPLITS)}")
     jobs, skipped = [], 0
-    for split in SPLITS:
+    for split in splits:
         out_dir = out_root / f"images{split}"
         for files in list_cases(task_root / "raw_splitted", dataset.num_modalities, split):
             if not overwrite and (out_dir / f"{files.case_id}.json").is_file():

@@ -66,3 +66,24 @@ def test_num_threads_rejects_non_integer(monkeypatch):
     monkeypatch.setenv("det_num_threads", "many")
     with pytest.raises(paths.EnvironmentError_, match="det_num_threads"):
         paths.num_threads()
+
+
+def test_cpu_network_process_uses_det_torch_threads(monkeypatch):
+    """OMP_NUM_THREADS=1 (set for workers) must not leave the network process on one core."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.setenv("det_torch_threads", "2")
+        assert paths.use_cpu_threads(torch.device("cpu")) == 2
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert paths.use_cpu_threads(torch.device("cuda")) == 1  # GPU: left alone
+        monkeypatch.delenv("det_torch_threads")
+        assert paths.torch_threads() == max(1, __import__("os").cpu_count() or 1)
+        monkeypatch.setenv("det_torch_threads", "two")
+        with pytest.raises(paths.EnvironmentError_, match="export det_torch_threads=2"):
+            paths.use_cpu_threads(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)

@@ -46,8 +46,12 @@ WORLD_FRAME = "RAS+ millimetres (NIfTI affine); [min_x, min_y, min_z, max_x, max
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``device``, or CUDA when available, else the CPU."""
-    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    """``device``, or CUDA when available, else the CPU (then with ``det_torch_threads`` intra-op threads)."""
+    from planner.paths import use_cpu_threads
+
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    use_cpu_threads(dev)
+    return dev
 
 
 def prediction_record(case_id: str, det: Any, properties: Mapping[str, Any], affine: Any,
