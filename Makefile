@@ -29,7 +29,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 lint: setup
-	$(BIN)/ruff check planner ops apps bundles tests benchmarks
+	$(BIN)/ruff check $(wildcard planner ops apps bundles tests benchmarks)
 
 # Benchmarks (not part of CI). bench-prep compares nndet_prep with nnU-Net v2 in a separate venv (.venv-bench)
 # whose torch is the main one's, pinned by a constraints file so pip never fetches another torch build.

@@ -189,7 +189,7 @@ def _fold_params(bundle: Path, fold: int) -> dict[str, Any] | None:
 
 
 def evaluate_fold(task: str | int, fold: int = 0, model: str | None = None, plan: str | None = None,
-                  plots: bool = True) -> dict[str, float]:
+                  plots: bool = True, analyze_boxes: bool = False) -> dict[str, float]:
     """`nndet_eval TASK MODEL FOLD`: validation metrics with the swept parameters (defaults if not swept)."""
     inference, _, evaluation = _template()
     task_name = paths.resolve_task(task)
@@ -207,13 +207,18 @@ def evaluate_fold(task: str | int, fold: int = 0, model: str | None = None, plan
                   pred_dir / f"{case}_boxes.json")
     images_dir = _images_dir(task_name, p)
     return _evaluate_and_plot(preds, gts, ids, _classes(p), out, plots,
-                              lambda c: np.load(images_dir / f"{c}.npy", mmap_mode="r")[0])
+                              lambda c: np.load(images_dir / f"{c}.npy", mmap_mode="r")[0], analyze_boxes)
 
 
-def _evaluate_and_plot(preds, gts, ids, classes, out: Path, plots: bool, image_of) -> dict[str, float]:
+def _evaluate_and_plot(preds, gts, ids, classes, out: Path, plots: bool, image_of,
+                       analyze_boxes: bool = False) -> dict[str, float]:
     _, _, evaluation = _template()
     metrics, curves = evaluation.evaluate_boxes_detailed(preds, gts, classes)
     evaluation.save_results(metrics, out)
+    if analyze_boxes:
+        from planner.analysis import analyze_boxes as analyze
+
+        analyze(preds, gts, ids, classes, out)
     if plots:
         from bundles.retinaunet_template.scripts import eval_plots
 
@@ -400,7 +405,7 @@ def _gt_raw(task_root: Path, case: str, dim: int) -> dict[str, np.ndarray]:
 
 
 def evaluate_test(task: str | int, model: str | None = None, plan: str | None = None,
-                  plots: bool = True) -> dict[str, float]:
+                  plots: bool = True, analyze_boxes: bool = False) -> dict[str, float]:
     """`nndet_eval TASK MODEL --test`: test predictions vs ``raw_splitted/labelsTs`` (original voxels)."""
     task_name = paths.resolve_task(task)
     bundle = bundle_for(task_name, model, plan)
@@ -425,7 +430,7 @@ def evaluate_test(task: str | int, model: str | None = None, plan: str | None = 
 
         return load_nifti(task_root / "raw_splitted" / "imagesTs" / f"{case}_0000.nii.gz", p.dim)[0]
 
-    return _evaluate_and_plot(preds, gts, ids, _classes(p), bundle / "test_results", plots, image_of)
+    return _evaluate_and_plot(preds, gts, ids, _classes(p), bundle / "test_results", plots, image_of, analyze_boxes)
 
 
 def predict_dir(task: str | int, input_dir: str | Path, output_dir: str | Path, model: str | None = None,

@@ -69,6 +69,13 @@ def test_run_chain_resumes_and_refuses_stale_outputs(task, capsys):
     assert json.loads((bundle / "consolidated/configs/inference.json").read_text())["folds"] == [0, 1]
     assert all(json.loads(p.read_text())["folds"] == [0, 1] for p in preds)
 
+    # nnDetection's eval flags on the same model: --boxes (the default) and --analyze_boxes
+    cli.main(["eval", task, "--plan", "D2V001CPU_2d", "--test", "--boxes", "--analyze_boxes", "--no_plots"])
+    out = capsys.readouterr().out
+    assert "box analysis (IoU 0.1)" in out and "objects.csv" in out
+    summary = json.loads((bundle / "test_results" / "analysis" / "summary.json").read_text())
+    assert summary["num_cases"] == 2 and summary["num_objects"] >= 2
+
 
 def test_run_rejects_unknown_stage_and_plan(task):
     with pytest.raises(ValueError, match="unknown stage"):
