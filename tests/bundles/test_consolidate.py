@@ -257,3 +257,25 @@ def test_no_model_cli_then_overwrite(setup, tmp_path, monkeypatch, capsys):
     consolidate_main(["000", "--overwrite"])
     assert sorted(p.name for p in (cons / "models").iterdir()) == [f"model_fold{f}.pt" for f in FOLDS]
     assert not [p for p in cons.parent.iterdir() if p.name.startswith(".consolidated")]
+
+
+def test_task_bundle_inference_config_runs_its_folds_with_their_sweep(setup, folder_predictions):
+    """The task bundle's own configs/inference.json (before consolidation): fold<X>/model_last.pt and the
+    sweep made for exactly those folds; same boxes as the consolidated bundle."""
+    inp, cons_out = folder_predictions
+    bundle = setup["bundle"]
+    out = setup["root"] / "pred_task_bundle"
+    run_consolidated(bundle, input_dir=str(inp), output_dir=str(out), num_tta=1, folds=list(FOLDS))
+    for case in ("case_6", "case_7"):
+        got = json.loads((out / f"{case}_boxes.json").read_text())
+        ref = json.loads((cons_out / f"{case}_boxes.json").read_text())
+        assert got["folds"] == ref["folds"] == list(FOLDS) and got["params"] == ref["params"]
+        assert got["params"]["model_iou"] == SWEPT["model_iou"]
+        np.testing.assert_allclose(got["boxes"], ref["boxes"], atol=1e-5)
+        np.testing.assert_allclose(got["scores"], ref["scores"], atol=1e-6)
+        assert got["labels"] == ref["labels"]
+    # one fold without a sweep of its own: nnDetection's defaults
+    out1 = setup["root"] / "pred_task_bundle_fold1"
+    run_consolidated(bundle, input_dir=str(inp), output_dir=str(out1), num_tta=1, folds=[1])
+    got = json.loads((out1 / "case_6_boxes.json").read_text())
+    assert got["folds"] == [1] and got["params"]["model_iou"] != SWEPT["model_iou"]

@@ -1,4 +1,6 @@
-"""Folder prediction (``configs/inference.json`` of a consolidated bundle): NIfTI cases in, box JSON out.
+"""Folder prediction (``configs/inference.json`` of a task bundle or of a consolidated bundle): NIfTI cases
+in, box JSON out. The task bundle's config takes the folds' ``fold<X>/model_last.pt`` and their sweep
+(:func:`swept_params`); the consolidated one its ``models/`` and fixed parameters.
 
 ``python -m monai.bundle run --config_file configs/inference.json --meta_file configs/metadata.json
 --bundle_root . --input_dir <folder> --output_dir <folder>`` runs, through the factories below:
@@ -32,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from planner.dataset import IMAGE_SUFFIX, CaseFiles, list_case_ids
-from planner.io import save_json
+from planner.io import load_json, save_json
 from planner.nifti import load_case
 from planner.preprocess.transforms import IMAGE_KEY, SPACING_KEY, to_numpy
 
@@ -43,6 +45,27 @@ logger = logging.getLogger(__name__)
 OUTPUT_SUFFIX = "_boxes.json"
 BOX_MODE = "StandardMode (x1, y1, z1, x2, y2, z2), half-open voxel indices of the original image"
 WORLD_FRAME = "RAS+ millimetres (NIfTI affine); [min_x, min_y, min_z, max_x, max_y, max_z] over voxel edges"
+
+
+def swept_params(bundle_root: str | Path, folds: Sequence[int]) -> dict[str, Any] | None:
+    """Postprocessing parameters swept for exactly ``folds`` in a task bundle, else None (nnDetection's defaults).
+
+    One fold: ``fold<X>/sweep/params.json`` (``nndet_sweep``); several: ``consolidated_sweep/params.json`` when
+    its ``folds`` are these (``nndet_consolidate`` writes it from the union of the folds' validation predictions).
+    """
+    root, folds = Path(bundle_root), sorted(int(f) for f in folds)
+    if len(folds) == 1:
+        f = root / f"fold{folds[0]}" / "sweep" / "params.json"
+        ok = f.is_file()
+    else:
+        f = root / "consolidated_sweep" / "params.json"
+        ok = f.is_file() and sorted(load_json(f).get("folds", [])) == folds
+    if ok:
+        logger.info("postprocessing swept for folds %s: %s", folds, f)
+        return dict(load_json(f)["params"])
+    logger.warning("no sweep for folds %s in %s (nndet_sweep / nndet_consolidate): nnDetection's default "
+                   "postprocessing parameters", folds, root)
+    return None
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
