@@ -27,6 +27,7 @@ from planner.io import save_json
 from planner.prep import run_prep
 from planner.toy import generate_example
 from planner.train import _fresh_scripts_import, bundle_for
+from tests.planner.helpers import det_env
 
 FOLDS = (0, 1)
 SWEPT = {"model_iou": 0.2, "ensemble_iou": 0.4, "detections_per_image": 50}  # != defaults
@@ -53,10 +54,7 @@ def fake_train(bundle: Path, folds=FOLDS) -> None:
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("consolidate")
     mp = pytest.MonkeyPatch()
-    mp.setenv("det_data", str(root / "data"))
-    mp.setenv("det_models", str(root / "models"))
-    mp.setenv("det_num_threads", "1")
-    (root / "data").mkdir()
+    det_env(mp, root, num_threads=1)
     generate_example(root / "data", preset="cpu", num_train=6, num_test=2, size=32)
     run_prep("000", preset="cpu")
     bundle = bundle_for("000")

@@ -17,7 +17,7 @@ from planner.infer import predict_test
 from planner.prep import run_prep
 from planner.toy import generate_example
 from planner.train import run_training
-from tests.planner.helpers import cube_case, write_task
+from tests.planner.helpers import cube_case, det_env, write_task
 
 SMOKE = {"epochs": 1, "iterations": 1, "warmup": 1, "swa_epochs": 1, "num_workers": 0, "batch_size": 1}
 PLAN = "D3V001CPU_3d"
@@ -28,9 +28,7 @@ TEST_CASES = ["case_5", "case_6"]  # toy ids continue after the 5 training cases
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict_flags")
     mp = pytest.MonkeyPatch()
-    mp.setenv("det_data", str(root / "data"))
-    mp.setenv("det_models", str(root / "models"))
-    mp.setenv("det_num_threads", "0")
+    det_env(mp, root, num_threads=0)
     generate_example(root / "data", preset="cpu", num_train=5, num_test=2, size=32)
     run_prep("000", preset="cpu")
     fold_dir = run_training("000", fold=0, overrides=SMOKE, plan=PLAN)

@@ -9,16 +9,13 @@ import pytest
 from planner import cli
 from planner.run import STAGES, run_task
 from planner.toy import generate_example
-
-SMOKE = {"epochs": 1, "iterations": 2, "warmup": 1, "swa_epochs": 1, "num_workers": 0}
+from tests.planner.helpers import SMOKE_SCHEDULE as SMOKE
+from tests.planner.helpers import det_env
 
 
 @pytest.fixture()
 def task(tmp_path, monkeypatch):
-    monkeypatch.setenv("det_data", str(tmp_path / "data"))
-    monkeypatch.setenv("det_models", str(tmp_path / "models"))
-    (tmp_path / "data").mkdir()
-    return generate_example(tmp_path / "data", preset="cpu", num_train=5, num_test=2, size=64, dim=2).name
+    return generate_example(det_env(monkeypatch, tmp_path), preset="cpu", num_train=5, num_test=2, size=64, dim=2).name
 
 
 def _status(res) -> dict[str, str]:

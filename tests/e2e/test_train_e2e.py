@@ -19,6 +19,7 @@ import torch
 from planner.prep import run_prep
 from planner.toy import generate_example
 from planner.train import run_training
+from tests.planner.helpers import det_env
 
 SCHEDULE = {"epochs": 6, "iterations": 15, "warmup": 10, "swa_epochs": 1}
 AP10 = "AP_IoU_0.10_MaxDet_100"
@@ -30,10 +31,7 @@ PLAN = "D3V001CPU_3d"  # the cpu planner preset: a narrow network a 2-core CI ma
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_e2e")
     mp = pytest.MonkeyPatch()
-    mp.setenv("det_data", str(root / "data"))
-    mp.setenv("det_models", str(root / "models"))
-    mp.setenv("det_num_threads", "1")
-    (root / "data").mkdir()
+    det_env(mp, root, num_threads=1)
     generate_example(root / "data", preset="cpu", num_train=8, num_test=2, size=32)
     run_prep("000", preset="cpu")
     fold_dir = run_training("000", fold=0, overrides=SCHEDULE, plan=PLAN)

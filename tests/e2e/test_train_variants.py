@@ -15,17 +15,13 @@ import torch
 from planner.prep import run_prep
 from planner.toy import generate_example
 from planner.train import run_training
-from tests.planner.helpers import cube_case, write_task
-
-SMOKE = {"epochs": 1, "iterations": 2, "warmup": 1, "swa_epochs": 1, "num_workers": 0}
+from tests.planner.helpers import SMOKE_SCHEDULE as SMOKE
+from tests.planner.helpers import cube_case, det_env, write_task
 
 
 @pytest.fixture()
 def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("det_data", str(tmp_path / "data"))
-    monkeypatch.setenv("det_models", str(tmp_path / "models"))
-    (tmp_path / "data").mkdir()
-    return tmp_path / "data"
+    return det_env(monkeypatch, tmp_path)
 
 
 def _check_fold(fold_dir, in_channels: int, dim: int) -> None:

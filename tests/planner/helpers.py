@@ -108,3 +108,18 @@ def copy_task(src: Path, dst_root: Path) -> Path:
     dst = Path(dst_root) / Path(src).name
     shutil.copytree(src, dst)
     return dst
+
+
+# Training schedule of the smoke tests: two iterations, one SWA epoch, no loader workers.
+SMOKE_SCHEDULE = {"epochs": 1, "iterations": 2, "warmup": 1, "swa_epochs": 1, "num_workers": 0}
+
+
+def det_env(mp: Any, root: Path, num_threads: int | None = None) -> Path:
+    """Point ``det_data`` / ``det_models`` at ``root/data`` (created) and ``root/models`` through ``mp`` (a
+    ``pytest.MonkeyPatch``), optionally ``det_num_threads``; returns ``root/data``."""
+    mp.setenv("det_data", str(root / "data"))
+    mp.setenv("det_models", str(root / "models"))
+    if num_threads is not None:
+        mp.setenv("det_num_threads", str(num_threads))
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    return root / "data"
