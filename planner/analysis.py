@@ -35,16 +35,13 @@ ANALYSIS_DIR = "analysis"
 
 
 def box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix ``[len(a), len(b)]`` of StandardMode boxes (half-open voxel boxes, 2D or 3D)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    """IoU matrix ``[len(a), len(b)]`` of StandardMode boxes (2D or 3D), float64, through ``ops.box_iou``."""
+    import ops
+
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     if a.size == 0 or b.size == 0:
         return np.zeros((len(a), len(b)))
-    d = a.shape[1] // 2
-    lo = np.maximum(a[:, None, :d], b[None, :, :d])
-    hi = np.minimum(a[:, None, d:], b[None, :, d:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=-1)
-    va, vb = np.prod(a[:, d:] - a[:, :d], axis=1), np.prod(b[:, d:] - b[:, :d], axis=1)
-    return inter / np.maximum(va[:, None] + vb[None, :] - inter, 1e-12)
+    return np.asarray(ops.box_iou(a, b), np.float64)
 
 
 def analyze_boxes(preds: Sequence[dict[str, np.ndarray]], gts: Sequence[dict[str, np.ndarray]],
