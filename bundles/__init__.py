@@ -1,0 +1,1 @@
+"""MONAI bundle templates that the planner fills for each task (``retinaunet_template/``)."""

@@ -1,0 +1,1 @@
+"""The Retina U-Net bundle template: configs with plan placeholders, scripts, docs."""

@@ -10,14 +10,14 @@ import shutil
 
 import pytest
 
-from planner import cli
 from planner.checks import check_test_cases
 from planner.dataset import DatasetError
-from planner.infer import predict_test
 from planner.prep import run_prep
 from planner.toy import generate_example
-from planner.train import run_training
 from tests.planner.helpers import cube_case, det_env, write_task
+from workflow import cli
+from workflow.predict import predict_test
+from workflow.train import run_training
 
 SMOKE = {"epochs": 1, "iterations": 1, "warmup": 1, "swa_epochs": 1, "num_workers": 0, "batch_size": 1}
 PLAN = "D3V001CPU_3d"
@@ -150,7 +150,7 @@ def test_predictions_of_other_folds_are_refused_until_overwrite(bundle):
 
 
 def test_cli_passes_the_predict_flags(monkeypatch):
-    import planner.infer as infer
+    import workflow.predict as infer
 
     seen = []
     monkeypatch.setattr(infer, "predict_test", lambda *a, **k: seen.append((a, k)) or "out")

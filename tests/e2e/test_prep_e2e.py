@@ -11,9 +11,10 @@ import json
 import numpy as np
 import pytest
 
-from planner import cli, paths
+from planner import paths
 from planner.plan.plan import Plan
 from planner.toy import generate_example
+from workflow import cli
 
 
 @pytest.fixture()

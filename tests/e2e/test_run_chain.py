@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from planner import cli
-from planner.run import STAGES, run_task
 from planner.toy import generate_example
 from tests.planner.helpers import SMOKE_SCHEDULE as SMOKE
 from tests.planner.helpers import det_env
+from workflow import cli
+from workflow.run import STAGES, run_task
 
 
 @pytest.fixture()

@@ -18,8 +18,8 @@ import torch
 
 from planner.prep import run_prep
 from planner.toy import generate_example
-from planner.train import run_training
 from tests.planner.helpers import det_env
+from workflow.train import run_training
 
 SCHEDULE = {"epochs": 6, "iterations": 15, "warmup": 10, "swa_epochs": 1}
 AP10 = "AP_IoU_0.10_MaxDet_100"
@@ -73,7 +73,7 @@ def test_rerun_of_a_finished_fold_does_not_train_again(trained):
 
 
 def test_cli_train_rejects_unknown_overrides_and_plans(trained, capsys):
-    from planner import cli
+    from workflow import cli
 
     with pytest.raises(SystemExit) as exc:
         cli.train_main(["000", "--plan", PLAN, "-o", "learning_rate=3"])
@@ -84,7 +84,7 @@ def test_cli_train_rejects_unknown_overrides_and_plans(trained, capsys):
 
 
 def test_cli_train_of_a_finished_fold_prints_its_outputs(trained, capsys):
-    from planner import cli
+    from workflow import cli
 
     cli.main(["train", "000", "--plan", PLAN, "-o", "exp.fold=0"])
     out = capsys.readouterr().out
@@ -95,7 +95,7 @@ def test_sweep_eval_predict_and_test_eval_through_the_cli(trained, capsys):
     """The chain after training: nndet_sweep -> nndet_eval -> nndet_predict -> nndet_eval --test."""
     import numpy as np
 
-    from planner import cli
+    from workflow import cli
 
     cli.main(["sweep", "000", "0", "--plan", PLAN, "--num_tta", "4"])
     params = json.loads((trained / "sweep" / "params.json").read_text())

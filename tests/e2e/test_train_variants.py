@@ -14,9 +14,9 @@ import torch
 
 from planner.prep import run_prep
 from planner.toy import generate_example
-from planner.train import run_training
 from tests.planner.helpers import SMOKE_SCHEDULE as SMOKE
 from tests.planner.helpers import cube_case, det_env, write_task
+from workflow.train import run_training
 
 
 @pytest.fixture()
@@ -48,7 +48,9 @@ def test_2d_task_trains_with_nndet_train_and_with_monai_bundle_run(env):
     _check_fold(fold0.parent / "fold1", in_channels=1, dim=2)
 
     # the inference chain works for 2D too: sweep, validation metrics, 2-fold test prediction, test metrics
-    from planner.infer import evaluate_fold, evaluate_test, predict_test, sweep_fold
+    from workflow.evaluate import evaluate_fold, evaluate_test
+    from workflow.predict import predict_test
+    from workflow.sweep import sweep_fold
 
     sweep_fold(task.name, 0, plan=plan.plan_id, num_tta=4)
     assert "AP_IoU_0.10_MaxDet_100" in evaluate_fold(task.name, 0, plan=plan.plan_id, plots=False)

@@ -14,7 +14,7 @@ in, box JSON out. The task bundle's config takes the folds' ``fold<X>/model_last
 4. ``predict_folder``: per case load -> preprocess -> ``inference.predict_case`` (all folds x mirror TTA,
    the consolidated postprocessing parameters) -> ``inference.restore_boxes`` (original voxels) and
    ``inference.voxel_boxes_to_world`` (mm) -> ``<output_dir>/<case>_boxes.json`` (atomic), with the fields
-   ``planner.infer.predict_test`` writes.
+   ``workflow.predict.predict_test`` writes.
 
 Boxes in the output are MONAI StandardMode ``[x1, y1, z1, x2, y2, z2]`` (2D: ``[x1, y1, x2, y2]``),
 half-open voxel indices of the original image (raw NIfTI axes i, j, k), and axis-aligned world boxes in
@@ -80,7 +80,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 def prediction_record(case_id: str, det: Any, properties: Mapping[str, Any], affine: Any,
                       classes: Mapping[str, str], params: Any, task: str = "", model: str = "",
                       folds: Sequence[int] = ()) -> dict[str, Any]:
-    """The ``<case>_boxes.json`` content of one case (``predict_folder`` and ``planner.infer.predict_test``).
+    """The ``<case>_boxes.json`` content of one case (``predict_folder`` and ``workflow.predict.predict_test``).
 
     Args:
         det: final ``inference.Detections`` in preprocessed voxels, in the order to write them.
@@ -215,7 +215,7 @@ def predict_folder(cases: Sequence[CaseFiles], output_dir: str | Path, detectors
 
     Output per case: ``boxes`` [N, 2*dim] (original voxels, StandardMode, half-open), ``boxes_world_mm``
     [N, 6] (RAS+ mm), ``scores`` [N] in descending order (re-sorted, stably: weighted box clustering orders
-    by cluster head score, which ``planner.infer.predict_test`` keeps), ``labels`` [N] (0-based),
+    by cluster head score, which ``workflow.predict.predict_test`` keeps), ``labels`` [N] (0-based),
     ``class_names``, provenance.
     """
     out = Path(output_dir)

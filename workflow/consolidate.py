@@ -16,7 +16,7 @@ Run it with nothing but the installed package::
     cd consolidated && python -m monai.bundle run --config_file configs/inference.json \
         --meta_file configs/metadata.json --bundle_root . --input_dir <folder> --output_dir <folder>
 
-The postprocessing parameters in ``inference.json`` (``postprocessing``) are ``planner.infer.ensemble_params``
+The postprocessing parameters in ``inference.json`` (``postprocessing``) are ``workflow.sweep.ensemble_params``
 over the folds (one fold's sweep, or a sweep over the union of the folds' raw validation predictions) with
 ``sweep_boxes``, nnDetection's defaults otherwise (or when the folds have no sweep predictions).
 
@@ -46,7 +46,9 @@ from planner import paths
 from planner.bundle import TEMPLATE_DIR, verify_bundle
 from planner.io import load_json, save_json
 from planner.plan.plan import Plan
-from planner.train import bundle_for
+from workflow.bundle_code import bundle_module
+from workflow.models import bundle_for, trained_folds
+from workflow.sweep import ensemble_params
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +62,6 @@ METRIC_KEYS = ("AP_IoU_0.10_MaxDet_100", "mAP_IoU_0.10_0.50_0.05_MaxDet_100", "A
 
 
 def _select_folds(bundle: Path, num_folds: int | None, folds: Sequence[int] | None = None) -> list[int]:
-    from planner.infer import trained_folds
-
     trained = trained_folds(bundle)
     if folds is not None:
         missing = [f for f in folds if f not in trained]
@@ -84,16 +84,13 @@ def _select_folds(bundle: Path, num_folds: int | None, folds: Sequence[int] | No
 
 def _postprocessing(bundle: Path, folds: Sequence[int], sweep_boxes: bool) -> tuple[dict[str, Any], str]:
     """(every postprocessing parameter, where they come from)."""
-    from bundles.retinaunet_template.scripts.inference import check_params
-    from planner.infer import ensemble_params
-
     params = ensemble_params(bundle, folds) if sweep_boxes else None
     if params is not None:
         source = (f"sweep of fold {folds[0]} (fold{folds[0]}/sweep/params.json)" if len(folds) == 1 else
                   f"sweep over the raw validation predictions of folds {list(folds)} (consolidated_sweep/params.json)")
     else:
         source = "nnDetection's defaults (" + ("folds not swept" if sweep_boxes else "--no_sweep_boxes") + ")"
-    return check_params(params), source
+    return bundle_module(bundle, "inference").check_params(params), source
 
 
 def fold_metrics(bundle: Path, folds: Sequence[int]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -312,7 +309,7 @@ def consolidate(task: str | int, model: str | None = None, plan: str | None = No
         task: task id or folder name under ``$det_data``.
         model: model folder under ``$det_models/<task>`` (default: the main plan's); plan: plan id instead.
         num_folds: consolidate folds ``0..num_folds-1`` (all must be trained); default every trained fold.
-        sweep_boxes: postprocessing from the folds' sweeps (``planner.infer.ensemble_params``); else defaults.
+        sweep_boxes: postprocessing from the folds' sweeps (``workflow.sweep.ensemble_params``); else defaults.
         no_model: leave ``models/`` empty (configs, scripts and docs only).
         overwrite: replace an existing ``consolidated/``.
         folds: exactly these folds (instead of ``num_folds``; all must be trained).

@@ -1,4 +1,4 @@
-"""Checks and case selection of ``nndet_predict`` on a task's test set (``planner.infer.predict_test``).
+"""Checks and case selection of ``nndet_predict`` on a task's test set (``workflow.predict.predict_test``).
 
 * :func:`check_model_task`: nnDetection's ``--force_args`` (a model of another task only when asked);
 * :func:`select_test_cases`: the cases to predict, raw ``imagesTs`` (to be preprocessed) or the preprocessed ones,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from planner import cli, paths
+from planner import paths
+from workflow import cli
 
 
 def test_missing_det_data_names_variable_and_export_line(monkeypatch, capsys):
@@ -27,14 +28,14 @@ def test_env_report_lists_versions_and_variables(monkeypatch):
 
 
 def test_overrides_parse_and_reject_garbage():
-    assert cli._parse_overrides(["overwrite=True", "memory_budget_gb = 24"]) == {
+    assert cli.parse_overrides(["overwrite=True", "memory_budget_gb = 24"]) == {
         "overwrite": "True",
         "memory_budget_gb": "24",
     }
     with pytest.raises(SystemExit):
-        cli._parse_overrides(["overwrite"])
+        cli.parse_overrides(["overwrite"])
     with pytest.raises(SystemExit):
-        cli._as_bool("maybe")
+        cli.as_bool("maybe")
 
 
 def test_unknown_override_is_an_error(monkeypatch, tmp_path):

@@ -3,7 +3,7 @@
 A toy task is planned with the cpu preset and two folds are "trained" by writing randomly initialised
 networks of the bundle's own ``network_def`` as finished checkpoints (the inference path does not care
 whether the weights are good). The swept postprocessing of the two folds is given as the cache
-``planner.infer.ensemble_params`` reads, so consolidation and ``predict_test`` use the same parameters.
+``workflow.sweep.ensemble_params`` reads, so consolidation and ``predict_test`` use the same parameters.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from monai.bundle import ConfigParser, run
 
 from bundles.retinaunet_template.scripts.inference import check_params
 from planner.bundle import verify_metadata_offline
-from planner.consolidate import consolidate
-from planner.infer import predict_test
 from planner.io import save_json
 from planner.prep import run_prep
 from planner.toy import generate_example
-from planner.train import _fresh_scripts_import, bundle_for
 from tests.planner.helpers import det_env
+from workflow.bundle_code import load_scripts
+from workflow.consolidate import consolidate
+from workflow.models import bundle_for
+from workflow.predict import predict_test
 
 FOLDS = (0, 1)
 SWEPT = {"model_iou": 0.2, "ensemble_iou": 0.4, "detections_per_image": 50}  # != defaults
@@ -58,7 +59,7 @@ def setup(tmp_path_factory):
     generate_example(root / "data", preset="cpu", num_train=6, num_test=2, size=32)
     run_prep("000", preset="cpu")
     bundle = bundle_for("000")
-    _fresh_scripts_import(bundle)
+    load_scripts(bundle)
     mp.syspath_prepend(str(bundle))
     fake_train(bundle)
     save_json({"params": SWEPT, "folds": list(FOLDS)}, bundle / "consolidated_sweep" / "params.json")
@@ -80,7 +81,7 @@ def _drop_scripts() -> None:
 def run_consolidated(cons: Path, **overrides) -> None:
     """``python -m monai.bundle run --config_file configs/inference.json ...`` in this process."""
     mp = pytest.MonkeyPatch()
-    _fresh_scripts_import(cons)
+    load_scripts(cons)
     mp.syspath_prepend(str(cons))
     try:
         run(config_file=str(cons / "configs" / "inference.json"), meta_file=str(cons / "configs" / "metadata.json"),
@@ -231,7 +232,7 @@ def test_missing_modality_file_and_empty_folder_are_named(setup, tmp_path):
 def test_no_model_cli_then_overwrite(setup, tmp_path, monkeypatch, capsys):
     """On a copy of the bundle: --no_model leaves models/ empty (inference names the missing weights),
     a second run is refused, --overwrite replaces it with the weights."""
-    from planner.cli import consolidate_main
+    from workflow.cli import consolidate_main
 
     models = tmp_path / "models"
     shutil.copytree(setup["bundle"], models / "Task000D3_Example" / setup["bundle"].name,

@@ -7,7 +7,7 @@ import csv
 import numpy as np
 import pytest
 
-from planner.analysis import analyze_boxes, box_iou_np, format_summary
+from workflow.analysis import analyze_boxes, box_iou_np, format_summary
 
 
 def _p(boxes, scores, labels):

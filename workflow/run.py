@@ -1,6 +1,6 @@
 """`nndet run TASK`: the whole chain for one task, stage after stage, resumable.
 
-Stages (SPEC section 1's pipeline), in this order:
+Stages (nnDetection's pipeline of commands, each equal to its own command), in this order:
 
 ``prep``         checks, fingerprint, plans, bundle generation, preprocessing (``nndet_prep``)
 ``train``        every requested fold (``nndet_train``; a finished fold is kept, an interrupted one resumes
@@ -51,6 +51,7 @@ class RunResult:
     val_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     test_metrics: dict[str, float] | None = None
     sweeps: dict[int, Any] = field(default_factory=dict)
+    prep: Any = None  # planner.prep.PrepResult of the prep stage
     stages: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -78,7 +79,7 @@ def _preset_of(plan: str | None, preset: str | None) -> str:
 def _preset_main_plan(task_name: str, preset: str) -> str:
     """The preset's full-resolution 3D (or 2D) plan of a planned task."""
     from planner.plan.planner import preset_planner_ids
-    from planner.train import task_plans
+    from workflow.models import task_plans
 
     ids = preset_planner_ids(preset)
     mine = sorted((p for p in task_plans(task_name) if p.planner_id in ids and p.mode in ("3d", "2d")),
@@ -144,9 +145,12 @@ def run_task(
     Raises:
         FileExistsError: a stale output is in the way and ``overwrite`` is False (the message names it).
     """
-    from planner.cli import prep as prep_cmd
-    from planner.infer import evaluate_fold, evaluate_test, predict_test, sweep_fold, trained_folds
-    from planner.train import bundle_for, main_plan, run_training
+    from planner.prep import run_prep
+    from workflow.evaluate import evaluate_fold, evaluate_test
+    from workflow.models import bundle_for, main_plan, trained_folds
+    from workflow.predict import predict_test
+    from workflow.sweep import sweep_fold
+    from workflow.train import run_training
 
     todo = _check_stages(stages)
     preset = _preset_of(plan, preset)
@@ -175,7 +179,7 @@ def run_task(
             on_stage(name, result)
 
     def do_prep() -> str:
-        prep_cmd(task_name, num_processes=nproc, num_processes_preprocessing=nproc, preset=preset)
+        result.prep = run_prep(task_name, num_processes=nproc, num_processes_preprocessing=nproc, preset=preset)
         return "done"
 
     stage("prep", do_prep)
@@ -211,7 +215,7 @@ def run_task(
         return "done"
 
     def do_consolidate() -> str:
-        from planner.consolidate import consolidate
+        from workflow.consolidate import consolidate
 
         have = consolidated_folds(bundle)
         if have == folds:

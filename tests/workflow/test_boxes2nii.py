@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from planner.boxes2nii import boxes_to_nifti, convert_folder, rasterize_boxes, voxel_ranges
+from workflow.boxes2nii import boxes_to_nifti, convert_folder, rasterize_boxes, voxel_ranges
 
 
 def test_voxel_ranges_use_voxel_centres_and_clip():
