@@ -154,10 +154,8 @@ def inference_config(plan: Plan, model: str, folds: Sequence[int], params: dict[
             "_target_": "planner.preprocess.run.load_preprocessing",
             "bundle_dir": "@bundle_root",
         },
-        "run": {
-            "_target_": "scripts.predict.predict_folder",
-            "cases": "@cases",
-            "output_dir": "@output_dir",
+        "predictor": {
+            "_target_": "scripts.predict.Predictor",
             "detectors": "@detectors",
             "preprocessing": "@preprocessing_chain",
             "patch_size": "@patch_size",
@@ -167,11 +165,17 @@ def inference_config(plan: Plan, model: str, folds: Sequence[int], params: dict[
             "device": "@device",
             "amp": "@amp",
             "overlap": "@overlap",
+            "classes": "@classes",
+        },
+        "run": {
+            "_target_": "scripts.predict.predict_folder",
+            "cases": "@cases",
+            "output_dir": "@output_dir",
+            "predictor": "@predictor",
             "overwrite": "@overwrite",
             "task": "@task",
             "model": "@model",
             "folds": "@folds",
-            "classes": "@classes",
         },
     }
 

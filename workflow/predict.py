@@ -105,7 +105,7 @@ def predict_dir(task: str | int, input_dir: str | Path, output_dir: str | Path, 
     cases = predict.find_cases(input_dir, len(p.modalities), p.modalities)
     params = ensemble_params(bundle, folds)
     dets = [load_detector(bundle, f, "last", device) for f in folds]
-    return predict.predict_folder(cases, output_dir, dets, load_preprocessing(bundle), p.patch_size, p.batch_size,
-                                  num_tta=num_tta, params=params, device=resolve_device(bundle, device),
-                                  overwrite=overwrite, task=task_name, model=bundle.name, folds=folds,
-                                  classes=p.labels)
+    predictor = predict.Predictor(dets, load_preprocessing(bundle), p.patch_size, p.batch_size, num_tta=num_tta,
+                                  params=params, device=resolve_device(bundle, device), classes=p.labels)
+    return predict.predict_folder(cases, output_dir, predictor, overwrite=overwrite, task=task_name,
+                                  model=bundle.name, folds=folds)

@@ -196,6 +196,28 @@ def test_folder_inference_equals_predict_test(setup, folder_predictions):
             np.testing.assert_allclose(got["boxes_world_mm"], np.asarray(ref["boxes_world_mm"])[order], atol=1e-4)
 
 
+def test_predictor_on_an_image_in_memory_equals_the_folder_path(setup, folder_predictions):
+    """The consolidated config's ``predictor`` (what the Deploy app builds with ConfigParser) on an array + affine
+    gives the folder prediction's boxes, world boxes, scores and labels."""
+    from monai.bundle import ConfigParser
+
+    inp, out = folder_predictions
+    cons = setup["cons"]
+    load_scripts(cons)
+    parser = ConfigParser()
+    parser.read_config(str(cons / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(cons), "num_tta": 1, "device": "cpu"})
+    predictor = parser.get_parsed_content("predictor")
+    img = nib.load(str(inp / f"{SHIFTED_CASE}_0000.nii.gz"))
+    got = predictor(np.asarray(img.dataobj, np.float32)[None], img.affine, SHIFTED_CASE)
+    ref = json.loads((out / f"{SHIFTED_CASE}_boxes.json").read_text())
+    for key in ("boxes", "boxes_world_mm", "scores"):
+        np.testing.assert_allclose(got[key], ref[key], atol=1e-5)
+    assert got["labels"] == ref["labels"] and got["params"] == ref["params"]
+    with pytest.raises(ValueError, match=r"expected \[channels, 3 spatial axes\]"):
+        predictor(np.zeros((4, 4, 4), np.float32), img.affine)
+
+
 def test_rerun_skips_predicted_cases(setup, folder_predictions):
     inp, out = folder_predictions
     before = {f.name: f.stat().st_mtime_ns for f in out.glob("*_boxes.json")}

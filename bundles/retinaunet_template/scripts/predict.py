@@ -11,10 +11,11 @@ in, box JSON out. The task bundle's config takes the folds' ``fold<X>/model_last
    (``configs/train.json`` -> ``network_def``; no second copy of it here) with ``models/model_fold<X>.pt``;
 3. the preprocessing chain of ``configs/preprocessing.json`` (instantiated by
    ``planner.preprocess.run.load_preprocessing``: the definition ``nndet_prep`` applied offline);
-4. ``predict_folder``: per case load -> preprocess -> ``inference.predict_case`` (all folds x mirror TTA,
-   the consolidated postprocessing parameters) -> ``inference.restore_boxes`` (original voxels) and
-   ``inference.voxel_boxes_to_world`` (mm) -> ``<output_dir>/<case>_boxes.json`` (atomic), with the fields
-   ``workflow.predict.predict_test`` writes.
+4. ``predictor`` (:class:`Predictor`, one image in memory): preprocess -> ``inference.predict_case`` (all
+   folds x mirror TTA, the bundle's postprocessing parameters) -> ``inference.restore_boxes`` (original
+   voxels) and ``inference.voxel_boxes_to_world`` (mm); the MONAI Deploy app calls the same object;
+5. ``predict_folder``: per case load -> ``predictor`` -> ``<output_dir>/<case>_boxes.json`` (atomic), with the
+   fields ``workflow.predict.predict_test`` writes.
 
 Boxes in the output are MONAI StandardMode ``[x1, y1, z1, x2, y2, z2]`` (2D: ``[x1, y1, x2, y2]``),
 half-open voxel indices of the original image (raw NIfTI axes i, j, k), and axis-aligned world boxes in
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from planner.dataset import IMAGE_SUFFIX, CaseFiles, list_case_ids
 from planner.io import load_json, save_json
-from planner.nifti import load_case
+from planner.nifti import load_case, spacing_from_affine
 from planner.preprocess.transforms import IMAGE_KEY, SPACING_KEY, to_numpy
 
 from .inference import predict_case, restore_boxes, voxel_boxes_to_world
@@ -195,45 +196,88 @@ def load_detectors(network_config: str | Path, model_files: Sequence[str | Path]
     return nets
 
 
-def predict_folder(cases: Sequence[CaseFiles], output_dir: str | Path, detectors: Sequence[nn.Module],
-                   preprocessing: Any, patch_size: Sequence[int], batch_size: int, num_tta: int | None = None,
-                   params: Mapping[str, Any] | None = None, device: str | torch.device | None = None,
-                   amp: bool = True, overlap: float = 0.5, overwrite: bool = False, task: str = "",
-                   model: str = "", folds: Sequence[int] = (), classes: Mapping[str, str] | None = None) -> Path:
-    """Predict every case and write ``<output_dir>/<case>_boxes.json``; returns ``output_dir``.
+class Predictor:
+    """A bundle's whole inference on one image in memory: its preprocessing definition, every fold x mirror
+    TTA, and its postprocessing parameters. The NIfTI folder prediction and the MONAI Deploy app both call it,
+    so neither holds a transform, threshold or network definition of its own.
+
+    Built by ``configs/inference.json`` (id ``predictor``)::
+
+        parser = ConfigParser(); parser.read_config("configs/inference.json"); parser["bundle_root"] = bundle
+        predictor = parser.get_parsed_content("predictor")
+        pred = predictor(image, affine)   # image [C, *spatial] (NIfTI axes), affine RAS+ 4x4
 
     Args:
-        cases: from ``find_cases``; detectors: from ``load_detectors`` (one per fold).
-        preprocessing: the bundle's preprocessing chain (dict with ``image`` [C, *spatial] raw axes and
-            ``spacing`` in, preprocessed ``image`` and the restore bookkeeping out).
+        detectors: from ``load_detectors`` (one per fold).
+        preprocessing: the bundle's preprocessing chain (``planner.preprocess.run.load_preprocessing``).
         patch_size, batch_size: sliding-window tile (preprocessed, transposed axes) and tiles per pass.
         num_tta: mirror transforms per fold (1, 4 or 8 in 3D); None: 8 in 3D, 4 in 2D.
-        params: postprocessing parameters (``inference.DEFAULT_PARAMS`` keys; the consolidated sweep).
+        params: postprocessing parameters (``inference.DEFAULT_PARAMS`` keys; the bundle's sweep).
         device, amp, overlap: see ``inference.predict_case`` (device default CUDA when available).
-        overwrite: recompute cases whose output exists (otherwise skipped).
-        task, model, folds, classes: recorded in the output (classes: label index (str) -> name).
+        classes: label index (str) -> class name.
+    """
 
-    Output per case: ``boxes`` [N, 2*dim] (original voxels, StandardMode, half-open), ``boxes_world_mm``
-    [N, 6] (RAS+ mm), ``scores`` [N] in descending order (re-sorted, stably: weighted box clustering orders
-    by cluster head score, which ``workflow.predict.predict_test`` keeps), ``labels`` [N] (0-based),
-    ``class_names``, provenance.
+    def __init__(self, detectors: Sequence[nn.Module], preprocessing: Any, patch_size: Sequence[int], batch_size: int,
+                 num_tta: int | None = None, params: Mapping[str, Any] | None = None,
+                 device: str | torch.device | None = None, amp: bool = True, overlap: float = 0.5,
+                 classes: Mapping[str, str] | None = None) -> None:
+        self.detectors, self.preprocessing = list(detectors), preprocessing
+        self.patch_size, self.batch_size = [int(p) for p in patch_size], int(batch_size)
+        self.num_tta, self.params = num_tta, (dict(params) if params is not None else None)
+        self.device, self.amp, self.overlap = resolve_device(device), bool(amp), float(overlap)
+        self.classes = {str(k): str(v) for k, v in (classes or {}).items()}
+
+    @property
+    def dim(self) -> int:
+        return len(self.patch_size)
+
+    def __call__(self, image: np.ndarray, affine: np.ndarray, case_id: str = "", **provenance: Any) -> dict[str, Any]:
+        """Predict one image.
+
+        Args:
+            image: float ``[C, *spatial]`` in the NIfTI voxel axes (i, j, k) of the training data, one channel
+                per modality in the bundle's modality order.
+            affine: 4x4 (3D) RAS+ voxel-to-mm affine of those axes (spacing is read from it).
+            case_id, provenance: recorded in the result (``task``, ``model``, ``folds``).
+
+        Returns:
+            The ``<case>_boxes.json`` fields: ``boxes`` [N, 2*dim] (original voxels, StandardMode, half-open),
+            ``boxes_world_mm`` [N, 6] (RAS+ mm over voxel edges), ``scores`` [N] descending, ``labels`` [N]
+            (0-based), ``class_names``, ``params`` (the postprocessing used), provenance.
+        """
+        image = np.asarray(image, dtype=np.float32)
+        if image.ndim != self.dim + 1:
+            raise ValueError(f"image of shape {image.shape}: expected [channels, {self.dim} spatial axes]")
+        affine = np.asarray(affine, dtype=np.float64)
+        pre = self.preprocessing({IMAGE_KEY: image, SPACING_KEY: spacing_from_affine(affine, self.dim)})
+        arr = np.ascontiguousarray(to_numpy(pre[IMAGE_KEY]), dtype=np.float32)
+        pred = predict_case(self.detectors, arr, self.patch_size, self.batch_size, num_tta=self.num_tta,
+                            params=self.params, device=self.device, amp=self.amp, overlap=self.overlap)
+        det = pred.detections
+        det = det.select(np.argsort(-det.scores, kind="stable"))  # WBC orders by cluster head, not final score
+        return prediction_record(case_id, det, pre, affine, self.classes, pred.params, **provenance)
+
+
+def predict_folder(cases: Sequence[CaseFiles], output_dir: str | Path, predictor: Predictor, overwrite: bool = False,
+                   task: str = "", model: str = "", folds: Sequence[int] = ()) -> Path:
+    """Predict every case with ``predictor`` and write ``<output_dir>/<case>_boxes.json``; returns ``output_dir``.
+
+    Args:
+        cases: from ``find_cases``.
+        predictor: the bundle's :class:`Predictor`.
+        overwrite: recompute cases whose output exists (otherwise skipped).
+        task, model, folds: recorded in the output.
+
+    Output per case: see :meth:`Predictor.__call__` (scores in descending order: weighted box clustering
+    orders by cluster head score, which ``workflow.predict.predict_test`` keeps; here they are re-sorted).
     """
     out = Path(output_dir)
-    dim = len(patch_size)
-    dev = resolve_device(device)
-    names = dict(classes or {})
     todo = [c for c in cases if overwrite or not (out / f"{c.case_id}{OUTPUT_SUFFIX}").is_file()]
     if len(todo) < len(cases):
         logger.info("%d case(s) already predicted in %s, skipped (overwrite to recompute)", len(cases) - len(todo), out)
-    for files in tqdm(todo, desc=f"predict ({len(detectors)} fold(s))", unit="case"):
-        case = load_case(files, dim, with_label=False)
-        pre = preprocessing({IMAGE_KEY: case.data, SPACING_KEY: case.spacing})
-        image = np.ascontiguousarray(to_numpy(pre[IMAGE_KEY]), dtype=np.float32)
-        pred = predict_case(list(detectors), image, patch_size, batch_size, num_tta=num_tta, params=params,
-                            device=dev, amp=amp, overlap=overlap)
-        det = pred.detections
-        det = det.select(np.argsort(-det.scores, kind="stable"))  # WBC orders by cluster head, not final score
-        save_json(prediction_record(files.case_id, det, pre, case.affine, names, pred.params, task, model, folds),
-                  out / f"{files.case_id}{OUTPUT_SUFFIX}")
+    for files in tqdm(todo, desc=f"predict ({len(predictor.detectors)} fold(s))", unit="case"):
+        case = load_case(files, predictor.dim, with_label=False)
+        record = predictor(case.data, case.affine, files.case_id, task=task, model=model, folds=folds)
+        save_json(record, out / f"{files.case_id}{OUTPUT_SUFFIX}")
     logger.info("predictions of %d case(s) in %s", len(cases), out)
     return out
