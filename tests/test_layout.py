@@ -3,8 +3,9 @@
 Arrows run one way: ``workflow -> planner, bundles, ops``; the bundle template's ``scripts`` -> ``planner``'s
 shared base (io, paths, the dataset layer, NIfTI reading, the preprocessing transforms) and ``ops``;
 ``planner`` never imports the template's scripts, the workflow or the apps (it may import the ``bundles``
-package itself, to know where the template folder is); ``ops`` imports nothing of ours; no import circles,
-counting imports inside functions too.
+package itself, to know where the template folder is); ``apps`` -> the consolidated bundle's predictor
+(through ``workflow.bundle_code``), ``planner``'s base and ``ops``; ``ops`` imports nothing of ours; no
+import circles, counting imports inside functions too.
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ def forbidden(src: str, dst: str) -> str | None:
         return "planner imports only planner, ops and the template's location"
     if _under(src, "workflow"):
         return "workflow imports no app" if _under(dst, "apps") else None
+    if _under(src, "apps"):
+        if _under(dst, "apps") or _under(dst, "planner") or _under(dst, "ops") or dst == "workflow.bundle_code":
+            return None
+        return "apps use the consolidated bundle (through workflow.bundle_code), planner's base and ops"
     return None
 
 
@@ -150,6 +155,9 @@ def test_the_tree_keeps_the_layout():
     ("workflow.sweep", "bundles.retinaunet_template.scripts.sweep", False),
     ("workflow.sweep", "planner.io", True),
     ("workflow.cli", "apps.detect", False),
+    ("apps.detect_dicom.pipeline", "workflow.bundle_code", True),
+    ("apps.detect_dicom.pipeline", "workflow.predict", False),
+    ("apps.detect_dicom.pipeline", "scripts.predict", False),
 ])
 def test_arrow_rules(src, dst, allowed):
     assert (forbidden(src, dst) is None) == allowed

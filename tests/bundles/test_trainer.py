@@ -10,16 +10,18 @@ import torch
 from torch import nn
 
 from bundles.retinaunet_template.scripts.detector import build_detector
-from bundles.retinaunet_template.scripts.trainer import (
+from bundles.retinaunet_template.scripts.handlers import (
     KEY_METRIC,
-    CheckpointHandler,
-    DetectionTrainStep,
-    DetectionValStep,
-    LinearWarmupPoly,
+    FoldCheckpoint,
     PatchDetectionMetrics,
     SamplerEpoch,
     SWAHandler,
     TrainingLog,
+)
+from bundles.retinaunet_template.scripts.trainer import (
+    DetectionTrainStep,
+    DetectionValStep,
+    LinearWarmupPoly,
     build_optimizer,
     param_groups,
     patch_detection_metrics,
@@ -194,7 +196,7 @@ def tiny_data(tmp_path_factory):
 def _workflow(data, out, crash_after_epoch: int | None = None):
     from ignite.engine import Events
     from monai.engines import SupervisedEvaluator, SupervisedTrainer
-    from monai.handlers import ValidationHandler
+    from monai.handlers import CheckpointLoader, ValidationHandler
 
     from bundles.retinaunet_template.scripts.data import make_train_loader, make_val_loader
 
@@ -214,10 +216,13 @@ def _workflow(data, out, crash_after_epoch: int | None = None):
         def attach(self, engine):
             engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"]))
 
+    ckpt = FoldCheckpoint(out, {"network": det, "optimizer": opt, "lr_scheduler": sched, "scaler": scaler,
+                                "swa_model": swa}, evaluator)
+    # as configs/train.json: MONAI's CheckpointLoader resumes when model_last.pt exists
+    resume = [CheckpointLoader(str(ckpt.last_file), ckpt.load_dict, map_location="cpu")] if ckpt.last_file.is_file() else []
     handlers = [ValidationHandler(validator=evaluator, interval=1, epoch_level=True),
                 SWAHandler(swa, det, start_epoch=EPOCHS - 1), TrainingLog(out, evaluator), SamplerEpoch(loader),
-                CheckpointHandler(out, {"network": det, "optimizer": opt, "lr_scheduler": sched, "scaler": scaler,
-                                        "swa_model": swa}, evaluator), Record()]
+                *resume, ckpt, Record()]
     trainer = SupervisedTrainer(torch.device("cpu"), EPOCHS, loader, det, opt, None, epoch_length=ITERS,
                                 iteration_update=DetectionTrainStep(sched, scaler, amp=True, seed=3),
                                 train_handlers=handlers, decollate=False)

@@ -1,25 +1,22 @@
-"""Training glue for ``monai.engines`` (SPEC section 7): optimizer, LR schedule, iteration steps, SWA,
-checkpoints, patch-level validation metrics, logs, curves and a progress bar.
+"""Training steps for ``monai.engines`` (SPEC section 7): optimizer, LR schedule, iterations, fold data.
 
-``configs/train.json`` declares every object below; this module only holds the small pieces MONAI does
-not have. Handler order in ``train#handlers`` matters on ``EPOCH_COMPLETED`` (validation -> SWA update ->
-log/curves -> checkpoint), so the checkpoint of an epoch holds that epoch's validation metric and SWA state.
+``configs/train.json`` declares every object below and the handlers of ``scripts/handlers.py``; this module
+holds the optimizer groups, the warmup/poly/SWA learning-rate schedule, the train and validation
+``iteration_update`` steps, the patch-level COCO metrics, the fold's cases and the reader of ``train_log.json``.
 
-Determinism and resume: batches are a function of (seed, epoch) (``SamplerEpoch``), augmentation a function
-of each sample's seed, and the global torch RNG (hard-negative sampling) is reseeded from (seed, iteration)
-before every step, so a run resumed from ``model_last.pt`` continues exactly as the uninterrupted run.
+Determinism and resume: batches are a function of (seed, epoch) (``handlers.SamplerEpoch``), augmentation a
+function of each sample's seed, and the global torch RNG (hard-negative sampling) is reseeded from
+(seed, iteration) before every step, so a run resumed from ``model_last.pt`` continues exactly as the
+uninterrupted run.
 
 Boxes are MONAI ``StandardMode`` (x1, y1, [z1,] x2, y2, [z2]) voxel boxes of the patch, half-open.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import math
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,11 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from planner.io import atomic_path, load_json, save_json
-
 logger = logging.getLogger(__name__)
 
-KEY_METRIC = "mAP_IoU_0.10_0.50_0.05_MaxDet_100"
 NORM_TYPES = (
     nn.modules.batchnorm._BatchNorm,
     nn.modules.instancenorm._InstanceNorm,
@@ -45,7 +39,16 @@ MAX_NONFINITE_STEPS = 10
 
 # --------------------------------------------------------------------------------- optimizer, LR
 def param_groups(model: nn.Module, weight_decay: float, decay_bias: bool = False) -> list[dict]:
-    """Two SGD groups: ``weight_decay`` on conv/linear weights; none on norm-layer params and biases."""
+    """Two SGD groups: ``weight_decay`` on conv/linear weights; none on norm-layer params and biases.
+
+    Args:
+        model: the network (each trainable parameter lands in exactly one group).
+        weight_decay: decay of the first group.
+        decay_bias: decay biases of non-norm layers too.
+
+    Returns:
+        ``[{"params": decayed, "weight_decay": weight_decay}, {"params": the rest, "weight_decay": 0.0}]``.
+    """
     decay, no_decay, seen = [], [], set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
@@ -65,7 +68,13 @@ def build_optimizer(
     nesterov: bool = True,
     decay_bias: bool = False,
 ) -> torch.optim.SGD:
-    """SGD (Nesterov) with weight decay only on weights of non-norm layers (nnDetection's optimizer)."""
+    """SGD (Nesterov) with weight decay only on weights of non-norm layers (nnDetection's optimizer).
+
+    Args:
+        model: the network.
+        lr, momentum, nesterov: SGD's.
+        weight_decay, decay_bias: see :func:`param_groups`.
+    """
     groups = param_groups(model, weight_decay, decay_bias)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0)
 
@@ -87,6 +96,13 @@ def scheduled_lr(
     * ``[warmup_iters, poly_iters)``: ``base_lr * (1 - (it - warmup) / (poly_iters - warmup)) ** gamma``;
     * ``>= poly_iters`` (SWA epochs): per epoch, linear from ``base_lr * swa_start_factor`` down to
       ``base_lr * swa_end_factor`` (nnDetection's ``SWACycleLinear``: 1e-3 -> 1e-5 for lr 0.01).
+
+    Args:
+        iteration: the step.
+        base_lr: peak learning rate.
+        warmup_iters, poly_iters, iters_per_epoch: phase boundaries and SWA cycle length, in steps.
+        gamma: poly exponent.
+        warmup_start_lr, swa_start_factor, swa_end_factor: see above.
     """
     if iteration < warmup_iters:
         return warmup_start_lr + (base_lr - warmup_start_lr) * iteration / warmup_iters
@@ -198,6 +214,9 @@ class DetectionValStep:
 
     Returns per batch: float losses (``loss`` and parts), ``detections`` / ``targets`` (per image numpy
     ``boxes``, ``labels`` (+ ``scores``)), ``dice_counts`` = (intersection, predicted fg, true fg) voxels.
+
+    Args:
+        amp: use float16 autocast on CUDA.
     """
 
     def __init__(self, amp: bool = True) -> None:
@@ -281,309 +300,6 @@ def patch_detection_metrics(
     return values
 
 
-class PatchDetectionMetrics:
-    """Evaluator handler: collects :class:`DetectionValStep` outputs over an epoch, then writes
-    ``val_loss`` (and parts), the COCO metrics and ``seg_dice`` into ``engine.state.metrics``."""
-
-    def __init__(self, classes: Sequence[str] | dict | int) -> None:
-        self.classes = classes
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._compute)
-
-    def _reset(self, engine) -> None:
-        self.dets, self.gts, self.losses, self.counts = [], [], {}, np.zeros(3)
-
-    def _collect(self, engine) -> None:
-        out = engine.state.output
-        n = len(out["detections"])
-        self.dets += out["detections"]
-        self.gts += out["targets"]
-        for k in ("loss", "cls", "reg", "seg_ce", "seg_dice"):
-            if k in out:
-                s, c = self.losses.get(k, (0.0, 0))
-                self.losses[k] = (s + out[k] * n, c + n)
-        self.counts += np.asarray(out["dice_counts"])
-
-    def _compute(self, engine) -> None:
-        metrics = {f"val_{'loss' if k == 'loss' else k + '_loss'}": s / max(c, 1)
-                   for k, (s, c) in self.losses.items()}
-        metrics.update(patch_detection_metrics(self.dets, self.gts, self.classes))
-        inter, pred, true = self.counts
-        metrics["seg_dice"] = float(2 * inter / (pred + true)) if pred + true > 0 else 1.0
-        engine.state.metrics.update(metrics)
-
-
-# ------------------------------------------------------------------------------------------ handlers
-class SamplerEpoch:
-    """Trainer handler: before each epoch, sets the training batch sampler to that epoch (0-based) so the
-    batches of epoch ``e`` are the same whether the run started at 0 or resumed at ``e``."""
-
-    def __init__(self, loader) -> None:
-        self.loader = loader
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, self)
-
-    def __call__(self, engine) -> None:
-        sampler = getattr(self.loader, "batch_sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(engine.state.epoch - 1)
-
-
-class SWAHandler:
-    """Stochastic weight averaging (torch's ``swa_utils``): after each epoch ``> start_epoch`` the network
-    weights are added to ``swa_model``; at the end of training the average replaces the network weights
-    (which ``CheckpointHandler`` then saves as ``model_last.pt``). The lr cycle is in :class:`LinearWarmupPoly`.
-
-    Args:
-        swa_model: ``torch.optim.swa_utils.AveragedModel`` of ``network``.
-        network: the trained module.
-        start_epoch: epochs before SWA (SPEC: 50); ``swa_epochs == 0`` means no averaging.
-    """
-
-    def __init__(self, swa_model, network: nn.Module, start_epoch: int) -> None:
-        self.swa_model, self.network, self.start_epoch = swa_model, network, int(start_epoch)
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.update)
-        engine.add_event_handler(Events.COMPLETED, self.apply)
-
-    def update(self, engine) -> None:
-        if engine.state.epoch > self.start_epoch:
-            self.swa_model.update_parameters(self.network)
-            logger.info("SWA: epoch %d averaged (%d snapshots)", engine.state.epoch, int(self.swa_model.n_averaged))
-
-    def apply(self, engine) -> None:
-        if engine.state.epoch >= engine.state.max_epochs and int(self.swa_model.n_averaged) > 0:
-            self.network.load_state_dict(self.swa_model.module.state_dict())
-            logger.info("SWA: final weights = average of %d epoch snapshots", int(self.swa_model.n_averaged))
-
-
-def optional_tensorboard(log_dir: str | os.PathLike, **kwargs):
-    """MONAI's ``TensorBoardStatsHandler`` when the ``tensorboard`` package is installed, else a handler that
-    only logs that TensorBoard is off (``pip install tensorboard`` turns it on)."""
-    if importlib.util.find_spec("tensorboard") is None:
-        return _Off(f"TensorBoard logs off: the 'tensorboard' package is not installed (pip install tensorboard); "
-                    f"metrics are still in train_log.json and training_curves.png under {Path(log_dir).parent}")
-    from monai.handlers import TensorBoardStatsHandler
-
-    return TensorBoardStatsHandler(log_dir=str(log_dir), **kwargs)
-
-
-class _Off:
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-    def attach(self, engine) -> None:
-        logger.info(self.message)
-
-
-class ProgressBar:
-    """Trainer handler: one tqdm bar over all iterations of the run (resumed runs start where they were),
-    with the running loss, epoch and tqdm's ETA."""
-
-    def __init__(self, smoothing: float = 0.05, disable: bool | None = None) -> None:
-        self.smoothing, self.disable, self.bar, self.ema = smoothing, disable, None, None
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._step)
-        engine.add_event_handler(Events.COMPLETED, self._close)
-        engine.add_event_handler(Events.EXCEPTION_RAISED, lambda e, exc: self._close(e))
-
-    def _step(self, engine) -> None:
-        from tqdm.auto import tqdm
-
-        s = engine.state
-        if self.bar is None:
-            total = s.max_epochs * s.epoch_length
-            self.bar = tqdm(total=total, initial=s.iteration - 1, desc="train", unit="it", disable=self.disable,
-                            dynamic_ncols=True, smoothing=self.smoothing)
-        loss = s.output["loss"]
-        if math.isfinite(loss):
-            self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
-        self.bar.set_postfix(epoch=f"{s.epoch}/{s.max_epochs}", loss=f"{self.ema or float('nan'):.3f}", refresh=False)
-        self.bar.update(1)
-
-    def _close(self, engine) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-class TrainingLog:
-    """Trainer handler: per epoch, mean training losses, lr, time and the validator's metrics appended to
-    ``<output_dir>/train_log.json`` and plotted to ``training_curves.png`` (both written atomically).
-
-    A resumed run keeps the entries of the epochs before the one it starts.
-    """
-
-    def __init__(self, output_dir: str | os.PathLike, validator=None, key_metric: str = KEY_METRIC) -> None:
-        self.dir, self.validator, self.key_metric = Path(output_dir), validator, key_metric
-        self.sums: dict[str, float] = {}
-        self.count, self.start, self.entries = 0, None, None
-
-    @property
-    def log_file(self) -> Path:
-        return self.dir / "train_log.json"
-
-    @property
-    def curves_file(self) -> Path:
-        return self.dir / "training_curves.png"
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-
-    def _reset(self, engine) -> None:
-        self.sums, self.count, self.start = {}, 0, time.time()
-
-    def _collect(self, engine) -> None:
-        for k, v in engine.state.output.items():
-            if k != "lr" and math.isfinite(v):
-                self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
-
-    def _write(self, engine) -> None:
-        epoch = engine.state.epoch
-        if self.entries is None:
-            old = load_json(self.log_file) if self.log_file.is_file() else []
-            self.entries = [e for e in old if e.get("epoch", 0) < epoch]
-        entry: dict[str, Any] = {"epoch": epoch, "iteration": int(engine.state.iteration),
-                                 "lr": float(engine.optimizer.param_groups[0]["lr"]),
-                                 "time_s": round(time.time() - (self.start or time.time()), 2)}
-        entry.update({f"train_{k}" if k == "loss" else f"train_{k}_loss": v / max(self.count, 1)
-                      for k, v in self.sums.items()})
-        if self.validator is not None:
-            entry.update({k: float(v) for k, v in self.validator.state.metrics.items()
-                          if isinstance(v, (int, float))})
-        self.entries.append(entry)
-        save_json(self.entries, self.log_file)
-        plot_training_curves(self.entries, self.curves_file, self.key_metric)
-        logger.info("epoch %d/%d: %s", epoch, engine.state.max_epochs, ", ".join(
-            f"{k}={entry[k]:.4f}" for k in ("train_loss", "val_loss", self.key_metric, "AP_IoU_0.10_MaxDet_100",
-                                            "seg_dice") if k in entry))
-
-
-def plot_training_curves(entries: Sequence[dict], path: str | os.PathLike, key_metric: str = KEY_METRIC) -> Path:
-    """PNG with train/val loss (left axis) and val mAP / AP@0.1 / Dice (right axis) per epoch (atomic write)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    epochs = [e["epoch"] for e in entries]
-    for key, style in (("train_loss", "-"), ("val_loss", "--")):
-        ax.plot(epochs, [e.get(key, np.nan) for e in entries], style, label=key)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax2 = ax.twinx()
-    for key, color in ((key_metric, "tab:green"), ("AP_IoU_0.10_MaxDet_100", "tab:olive"), ("seg_dice", "tab:red")):
-        ax2.plot(epochs, [e.get(key, np.nan) for e in entries], ":", color=color, marker=".", label=key)
-    ax2.set_ylabel("validation metric")
-    ax2.set_ylim(0, 1.05)
-    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
-    ax.legend(lines, labels, loc="center right", fontsize=7, ncol=1, framealpha=0.8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return Path(path)
-
-
-class CheckpointHandler:
-    """Trainer handler: ``model_last.pt`` after every epoch and at the end, ``model_best.pt`` when the
-    validator's ``key_metric`` improves, and resume from ``model_last.pt`` at start.
-
-    Files hold only tensors and plain values (``torch.load(weights_only=True)`` works):
-    ``model_last.pt`` = ``{"network", "optimizer", "lr_scheduler", "scaler", "swa_model", ... (every entry of
-    ``save_dict``), "epoch", "iteration", "best_metric", "best_epoch", "key_metric", "finished"}``; after the
-    last epoch its ``network`` holds the SWA-averaged weights. ``model_best.pt`` = ``{"network", "epoch",
-    "key_metric", "metric"}``. Writes are atomic.
-
-    Args:
-        output_dir: the fold folder.
-        save_dict: name -> object with ``state_dict`` / ``load_state_dict`` (must include ``network``).
-        validator: evaluator whose ``state.metrics[key_metric]`` ranks checkpoints (None: no best file).
-        key_metric: metric name (higher is better).
-        resume: load ``model_last.pt`` at start if it exists.
-    """
-
-    def __init__(self, output_dir: str | os.PathLike, save_dict: dict[str, Any], validator=None,
-                 key_metric: str = KEY_METRIC, resume: bool = True) -> None:
-        self.dir, self.save_dict, self.validator = Path(output_dir), dict(save_dict), validator
-        self.key_metric, self.resume = key_metric, bool(resume)
-        self.best_metric, self.best_epoch = -math.inf, -1
-
-    @property
-    def last_file(self) -> Path:
-        return self.dir / "model_last.pt"
-
-    @property
-    def best_file(self) -> Path:
-        return self.dir / "model_best.pt"
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, self.load)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save_epoch)
-        engine.add_event_handler(Events.COMPLETED, self.save_last)
-
-    def load(self, engine) -> None:
-        if not (self.resume and self.last_file.is_file()):
-            return
-        ckpt = torch.load(self.last_file, map_location="cpu", weights_only=True)
-        for name, obj in self.save_dict.items():
-            if name in ckpt:
-                obj.load_state_dict(ckpt[name])
-            else:
-                logger.warning("%s has no '%s' state: starting it fresh", self.last_file, name)
-        engine.state.epoch, engine.state.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
-        self.best_metric, self.best_epoch = float(ckpt.get("best_metric", -math.inf)), int(ckpt.get("best_epoch", -1))
-        logger.info("resumed from %s at epoch %d (iteration %d)", self.last_file, engine.state.epoch,
-                    engine.state.iteration)
-
-    def _save(self, obj: dict, path: Path) -> None:
-        with atomic_path(path, suffix=".pt") as tmp:
-            torch.save(obj, tmp)
-
-    def save_epoch(self, engine) -> None:
-        metric = None if self.validator is None else self.validator.state.metrics.get(self.key_metric)
-        if metric is not None and float(metric) > self.best_metric:
-            self.best_metric, self.best_epoch = float(metric), int(engine.state.epoch)
-            self._save({"network": self.save_dict["network"].state_dict(), "epoch": self.best_epoch,
-                        "key_metric": self.key_metric, "metric": self.best_metric}, self.best_file)
-            logger.info("new best %s=%.4f at epoch %d: %s", self.key_metric, self.best_metric, self.best_epoch,
-                        self.best_file)
-        self.save_last(engine, finished=False)
-
-    def save_last(self, engine, finished: bool | None = None) -> None:
-        if finished is None:
-            finished = engine.state.epoch >= engine.state.max_epochs
-        state = {name: obj.state_dict() for name, obj in self.save_dict.items()}
-        state.update(epoch=int(engine.state.epoch), iteration=int(engine.state.iteration),
-                     best_metric=self.best_metric, best_epoch=self.best_epoch, key_metric=self.key_metric,
-                     finished=bool(finished))
-        self._save(state, self.last_file)
-
-
 # ------------------------------------------------------------------------------------------ fold data
 def fold_data(task: str, plan_id: str, fold: int, data_root: str | os.PathLike | None = None,
               splits_file: str | os.PathLike | None = None, num_folds: int = 5) -> dict[str, Any]:
@@ -620,6 +336,10 @@ def fold_data(task: str, plan_id: str, fold: int, data_root: str | os.PathLike |
 
 
 def read_train_log(output_dir: str | os.PathLike) -> list[dict]:
-    """Entries of ``<output_dir>/train_log.json`` (empty if absent)."""
+    """Entries of ``<output_dir>/train_log.json`` (empty if absent).
+
+    Args:
+        output_dir: the fold folder.
+    """
     f = Path(output_dir) / "train_log.json"
     return json.loads(f.read_text()) if f.is_file() else []
