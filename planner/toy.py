@@ -1,4 +1,4 @@
-"""Toy detection task (`nndet_example`): nnDetection's generator behaviour (SPEC section 1), in our code.
+"""Toy detection task (`nndet_example`): nnDetection's ``scripts/generate_example.py``, in our code.
 
 Every case holds exactly one object (instance id 1) on uniform noise:
 
@@ -21,12 +21,14 @@ Randomness: one legacy ``np.random.RandomState(idx + seed_offset)`` per case (th
 case is therefore byte-identical across runs and process counts. Data are written as float32
 (nnDetection writes float64), which halves the files; we have not compared with nnDetection's files.
 
-Presets (volume edge ``size``, cube edge drawn from ``randint(edge_lo, edge_hi)``, wall ``width``):
+Presets (``planner.presets.PRESET_NAMES``, the planner's names; volume edge ``size``, cube edge drawn
+from ``randint(edge_lo, edge_hi)``, wall ``width``):
 
-* ``nndet`` 3D: 256, 16..31, 4 (nnDetection's values); 2D: 256, 32..63, 8 (nnDetection's commented
-  2D values; it does not support 2D, we do).
-* ``cpu`` 3D: 64, 8..15, 2. A 64^3 case has 1/64 of the voxels of a 256^3 one, so writing,
-  preprocessing and an epoch are ~64x cheaper and the README demo trains on 2 CPU cores in minutes.
+* ``default`` 3D: 256, 16..31, 4 (nnDetection's values); 2D: 256, 32..63, 8 (nnDetection's commented
+  2D values; it does not support 2D, we do). ``nndet``, its former name, is still accepted.
+* ``cpu`` (sized for a few CPU cores) 3D: 64, 8..15, 2. A 64^3 case has 1/64 of the voxels of a 256^3
+  one, so writing, preprocessing and an epoch are ~64x cheaper and the README demo trains on 2 CPU
+  cores in minutes.
   Edges are halved (not quartered) so that the smallest cube still spans 2 voxels at stride 4 (the
   finest detection level) and the tunnel (edge - 2*width >= 4 voxels) survives two poolings.
   2D: 128, 16..31, 4 (2D cases are cheap; the same object-to-image ratio as nnDetection's 2D).
@@ -54,6 +56,7 @@ import numpy as np
 from tqdm import tqdm
 
 from planner.io import save_json
+from planner.presets import DEFAULT_PRESET, PRESET_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +81,12 @@ class ToyPreset:
 
 
 PRESETS: dict[tuple[str, int], ToyPreset] = {
-    ("nndet", 3): ToyPreset(256, 16, 32, 4),
-    ("nndet", 2): ToyPreset(256, 32, 64, 8),
+    ("default", 3): ToyPreset(256, 16, 32, 4),
+    ("default", 2): ToyPreset(256, 32, 64, 8),
     ("cpu", 3): ToyPreset(64, 8, 16, 2),
     ("cpu", 2): ToyPreset(128, 16, 32, 4),
 }
+PRESET_ALIASES = {"nndet": "default"}  # former name of ``default``: old command lines keep working
 
 
 @dataclass(frozen=True)
@@ -124,8 +128,9 @@ def resolve_spec(
     seed_offset: int = 0, spacing_jitter: float = 0.0,
 ) -> ToySpec:
     """Preset + overrides -> the case parameters (object edges and wall scaled with ``size``)."""
+    preset = PRESET_ALIASES.get(preset, preset)
     if (preset, dim) not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} / dim {dim}: use preset 'nndet' or 'cpu' and dim 2 or 3")
+        raise ValueError(f"unknown preset {preset!r} / dim {dim}: use a preset of {list(PRESET_NAMES)} and dim 2 or 3")
     p = PRESETS[(preset, dim)]
     size = p.size if size is None else int(size)
     scale = size / p.size
@@ -208,7 +213,7 @@ def case_counts(full: bool, num_train: int | None, num_test: int | None) -> tupl
 def generate_example(
     det_data: Path,
     *,
-    preset: str = "nndet",
+    preset: str = DEFAULT_PRESET,
     full: bool = False,
     num_train: int | None = None,
     num_test: int | None = None,
@@ -226,7 +231,8 @@ def generate_example(
 
     Args:
         det_data: root folder of tasks (``$det_data``).
-        preset: ``"nndet"`` (nnDetection's sizes) or ``"cpu"`` (small, fast cases; see module docstring).
+        preset: ``"default"`` (nnDetection's sizes; ``"nndet"`` is an alias) or ``"cpu"`` (small, fast
+            cases for a few CPU cores; see module docstring).
         full: 1000 + 1000 cases instead of 10 + 10.
         num_train: number of training cases (ids 0..num_train-1); overrides ``full``.
         num_test: number of test cases (ids continue after the training ids); overrides ``full``.

@@ -1,4 +1,4 @@
-"""Anchor planning (SPEC section 4): per-axis anchor sizes that best cover the GT boxes.
+"""Anchor planning: per-axis anchor sizes that best cover the GT boxes (nnDetection's ``BoxC002._plan_anchors``).
 
 Anchors are parameterised as in nnDetection: one set of 3 sizes per axis at the first decoder
 level, every combination is an anchor shape (3**dim per location: 27 in 3D, 9 in 2D), and the same
@@ -41,6 +41,17 @@ MAX_BOXES_REPORT = 20000  # the reported mean best IoU uses up to this many filt
 ANCHOR_SEED = 0
 DE_MAXITER = 40
 DE_POPSIZE = 10  # population = popsize x number of parameters
+
+
+def anchors_per_location(dim: int) -> int:
+    """Anchors per location A of a ``dim``-D plan (27 in 3D, 9 in 2D).
+
+    Every combination of the ``SIZES_PER_AXIS`` sizes of each axis is an anchor shape, so A is the
+    number of those combinations, the count ``build_detector`` takes of a plan's anchor sizes
+    (``len(anchor_shapes(sizes[0]))``) to size the network's head outputs. The planner needs A before
+    the sizes are optimised (the memory estimate of the patch loop), hence a function of ``dim``.
+    """
+    return len(_shapes(np.ones((dim, SIZES_PER_AXIS))))
 
 
 def relative_level_strides(strides: Sequence[Sequence[int]], levels: Sequence[int]) -> np.ndarray:
@@ -192,5 +203,5 @@ def plan_anchors(
         base_sizes=[[float(v) for v in base[a]] for a in range(dim)],
         sizes=per_level,
         mean_best_iou=float(best),
-        num_anchors_per_location=SIZES_PER_AXIS**dim,
+        num_anchors_per_location=len(_shapes(base)),
     )

@@ -1,21 +1,27 @@
-"""Training GPU memory of the Retina U-Net (SPEC section 6), estimated without a GPU.
+"""Training GPU memory of the Retina U-Net, estimated without a GPU (nnDetection measures it on one).
 
-nnDetection measures the memory of 10 real training steps on a GPU while planning. We count it
-instead, from the topology: what autograd keeps for the backward pass at the peak (the end of the
-forward pass), the largest gradient buffers alive during the backward pass, the parameters with
-their gradients and SGD momentum, the anchors and the matcher's matrices, plus two fixed terms
-nnDetection also budgets: the CUDA context and a safety offset for cuDNN workspaces and allocator
-slack. The result is a pure function of (architecture, patch, batch, anchors per location).
+nnDetection (``MemoryEstimatorDetection``) builds the network while planning and measures the memory
+of 10 real training steps on a GPU. We count it instead: what autograd keeps for the backward pass at
+the peak (the end of the forward pass), the largest gradient buffers alive during the backward pass,
+the parameters with their gradients and SGD momentum, the anchors and the matcher's matrices, plus two
+fixed terms nnDetection also budgets: the CUDA context and a safety offset for cuDNN workspaces and
+allocator slack. The result is a pure function of (architecture, patch, batch, anchors per location).
+
+The network's own facts (channels of every encoder stage and FPN level, convs per stage and per head
+tower, which FPN levels have an output conv, head output channels, parameter count) are not described
+here: :mod:`planner.plan.network_facts` reads them off the template's network built on the ``meta``
+device. This module only models the bytes each kind of layer keeps.
 
 What one layer keeps (bytes per element, AMP = fp16 activations, fp32 master weights):
 
-- encoder/decoder ``conv -> InstanceNorm -> ReLU(inplace)``: the conv output (input of the norm)
-  and the norm/ReLU output (input of the next conv): 2 fp16 tensors. InstanceNorm is not on
-  autocast's fp32 list, so it runs in fp16.
+- encoder ``conv -> InstanceNorm -> ReLU(inplace)``: the conv output (input of the norm) and the
+  norm/ReLU output (input of the next conv): 2 fp16 tensors. InstanceNorm is not on autocast's fp32
+  list, so it runs in fp16.
 - head ``conv -> GroupNorm -> ReLU``: GroupNorm *is* on autocast's fp32 list, so the conv output is
   cast to an fp32 copy (kept by the norm), the norm/ReLU output is fp32 (kept by ReLU) and the next
   conv keeps its own fp16 cast: 4 + 4 + 2 = 10 bytes.
-- FPN level: the merged map (kept by the output conv and the next upsampling) and the output map.
+- FPN level: the merged map (kept by the next upsampling and the output conv) and, on the levels with
+  an output conv (the decoder levels and P0), the output map.
 
 ``CALIBRATION_FACTOR`` scales the activation part and is 1.0 until a measurement on a GPU says
 otherwise (``benchmarks``: measure ``torch.cuda.max_memory_reserved`` of real training steps with
@@ -28,6 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from planner.plan.network_facts import network_facts
 from planner.plan.plan import ArchitecturePlan
 
 MIB = 2**20
@@ -40,52 +47,12 @@ BACKWARD_GRAD_BUFFERS = 3  # activation-gradient buffers alive at once in backwa
 PARAM_BYTES_SGD = 4 + 4 + 4  # fp32 weight, gradient, momentum
 PARAM_BYTES_AMP_COPY = 2  # autocast's cached fp16 copy of each weight during a step
 GN_HEAD_BYTES_AMP = 4 + 4 + 2  # fp32 norm input copy, fp32 norm/ReLU output, fp16 copy for next conv
-HEAD_CONVS = 2  # conv+GN+ReLU blocks per head before the output conv (nnDetection: 1 + num_convs=1)
 SEG_BYTES_PER_CLASS = 2 + 4 + 4 + 4 + 4 + 8  # logits, CE fp32 cast/log-softmax, Dice softmax/one-hot/products
 
 
-def stage_channels(arch: ArchitecturePlan) -> list[int]:
-    """Encoder channels per stage: start x 2**s capped at max."""
-    return [min(arch.start_channels * 2**s, arch.max_channels) for s in range(len(arch.strides))]
-
-
-def fpn_channels(arch: ArchitecturePlan) -> list[int]:
-    """FPN channels per stage: ``fpn_channels`` from the first decoder level up, halved per level below
-    it (at least 8)."""
-    first = min(arch.decoder_levels)
-    return [arch.fpn_channels if s >= first else max(8, arch.fpn_channels // 2 ** (first - s))
-            for s in range(len(arch.strides))]
-
-
 def count_parameters(arch: ArchitecturePlan, num_anchors_per_location: int) -> int:
-    """Number of trainable parameters of the Retina U-Net for this plan (weights, biases, norm affines)."""
-    enc = stage_channels(arch)
-    fpn = fpn_channels(arch)
-    dim = arch.dim
-    n = 0
-    c_in = arch.in_channels
-    for s, c in enumerate(enc):
-        k = int(np.prod(arch.conv_kernels[s]))
-        n += c_in * c * k + c + 2 * c  # first conv (+ bias) + instance-norm affine
-        n += c * c * k + c + 2 * c
-        c_in = c
-    for s in range(len(enc)):
-        n += enc[s] * fpn[s] + fpn[s]  # lateral 1x1
-        n += fpn[s] * fpn[s] * 3**dim + fpn[s]  # output conv
-        if s + 1 < len(enc):
-            # transposed-conv upsampling from the coarser level (kernel = stride)
-            n += fpn[s + 1] * fpn[s] * int(np.prod(arch.strides[s + 1])) + fpn[s]
-    h = arch.head_channels
-    a = num_anchors_per_location
-    for out in (a * arch.num_classes, a * 2 * dim):  # classifier, regressor
-        c_prev = arch.fpn_channels
-        for _ in range(HEAD_CONVS):
-            n += c_prev * h * 3**dim + h + 2 * h
-            c_prev = h
-        n += h * out * 3**dim + out
-    n += len(arch.decoder_levels)  # learnable regression scale per level
-    n += fpn[0] * arch.seg_classes + arch.seg_classes  # segmentation 1x1 conv on P0
-    return int(n)
+    """Parameters of the template's Retina U-Net for this plan: ``sum(p.numel())`` of the built network."""
+    return network_facts(arch, num_anchors_per_location).num_parameters
 
 
 def memory_breakdown(
@@ -112,8 +79,8 @@ def memory_breakdown(
     act = 2 if amp else 4
     b = int(batch_size)
     dim = arch.dim
-    enc = stage_channels(arch)
-    fpn = fpn_channels(arch)
+    net = network_facts(arch, num_anchors_per_location)
+    enc, fpn = list(net.encoder_channels), list(net.fpn_channels)
     cum = np.cumprod(np.asarray(arch.strides, dtype=np.int64), axis=0)
     vox = [int(np.prod(np.maximum(np.asarray(patch_size) // c, 1))) for c in cum]
     levels = list(arch.decoder_levels)
@@ -122,24 +89,26 @@ def memory_breakdown(
 
     # fp32 image, its fp16 cast kept by the first conv, seg target
     inputs = b * vox[0] * (arch.in_channels * (4 + (2 if amp else 0)) + 4)
-    # 2 convs per stage, each keeping its output and the norm/ReLU output
-    encoder = sum(b * 2 * 2 * c * v * act for c, v in zip(enc, vox, strict=True))
-    # merged map + output map per FPN level
-    decoder = sum(b * 2 * c * v * act for c, v in zip(fpn, vox, strict=True))
+    # every conv of a stage keeps its output and the norm/ReLU output
+    encoder = sum(b * n * 2 * c * v * act for n, c, v in zip(net.encoder_convs, enc, vox, strict=True))
+    # merged map per FPN level, output map on the levels with an output conv
+    decoder = sum(b * (2 if s in net.fpn_output_levels else 1) * c * v * act
+                  for s, (c, v) in enumerate(zip(fpn, vox, strict=True)))
     gn = GN_HEAD_BYTES_AMP if amp else 4 + 4
+    tower_convs = net.cls_head_convs + net.reg_head_convs
     heads = 0
     for lv in levels:
-        heads += b * 2 * HEAD_CONVS * arch.head_channels * vox[lv] * gn  # cls + reg towers
-        heads += b * a * arch.num_classes * vox[lv] * act * 3  # logits, permuted copy, concatenation
-        heads += b * a * 2 * dim * vox[lv] * act * 4  # deltas, learnable scale, permuted copy, concatenation
-    seg = b * vox[0] * (arch.seg_classes * SEG_BYTES_PER_CLASS + 8)
+        heads += b * tower_convs * net.head_channels * vox[lv] * gn  # cls + reg towers
+        heads += b * net.cls_out_channels * vox[lv] * act * 3  # logits, permuted copy, concatenation
+        heads += b * net.reg_out_channels * vox[lv] * act * 4  # deltas, learnable scale, permuted copy, concat
+    seg = b * vox[0] * (net.seg_classes * SEG_BYTES_PER_CLASS + 8)
     anchors = b * num_anchors * 2 * dim * 4  # fp32 anchors per image (MONAI generates one set per image)
     anchors += b * num_anchors * (8 + 4 * arch.num_classes)  # matched indices (int64), sampler probabilities
     # the matcher's IoU and distance matrices and anchor centres, one image at a time
     anchors += num_anchors * 4 * (2 * max(1, num_boxes_per_image) + 3 * dim)
     largest = max(b * c * v * act for c, v in zip(enc + fpn, vox + vox, strict=True))
     backward = BACKWARD_GRAD_BUFFERS * largest
-    params = count_parameters(arch, a)
+    params = net.num_parameters
     param_bytes = params * (PARAM_BYTES_SGD + (PARAM_BYTES_AMP_COPY if amp else 0))
 
     activations = inputs + encoder + decoder + heads + seg + anchors + backward

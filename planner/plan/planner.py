@@ -1,4 +1,4 @@
-"""The self-configuring planner (SPEC section 4): fingerprint -> plans.
+"""The self-configuring planner: fingerprint -> plans (nnDetection's ``D3V001`` / ``BoxC002`` planning).
 
 ``plan_task`` applies the rules of :mod:`planner.plan.rules` in nnDetection's order: target spacing
 and transpose, normalisation, then per plan the patch size / topology loop against the memory
@@ -18,10 +18,11 @@ import numpy as np
 from planner.dataset import DatasetInfo
 from planner.fingerprint import Fingerprint
 from planner.plan import rules
-from planner.plan.anchors import SIZES_PER_AXIS, plan_anchors
+from planner.plan.anchors import anchors_per_location, plan_anchors
 from planner.plan.memory import DEFAULT_BUDGET_BYTES, memory_breakdown
 from planner.plan.plan import ArchitecturePlan, Plan
 from planner.plan.topology import Topology, decoder_levels, plan_topology
+from planner.presets import DEFAULT_PRESET, PRESET_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ class ArchDefaults:
 
 DEFAULTS_3D = ArchDefaults(batch_size=4, start_channels=32, max_channels=320, min_feature_map_size=4,
                            num_decoder_levels=4)
-# 2D: batch 16, 48 start channels, bottleneck >= 8, 5 decoder levels (SPEC 4); 480 max channels as
-# nnU-Net's 2D networks and nnDetection's BoxC001 for dim 2.
+# 2D: batch 16, 48 start channels, bottleneck >= 8, 5 decoder levels (nnDetection's BoxC002 2D defaults);
+# 480 max channels as nnU-Net's 2D networks and nnDetection's BoxC001 for dim 2.
 DEFAULTS_2D = ArchDefaults(batch_size=16, start_channels=48, max_channels=480, min_feature_map_size=8,
                            num_decoder_levels=5)
 
@@ -57,7 +58,8 @@ DEFAULTS_2D = ArchDefaults(batch_size=16, start_channels=48, max_channels=480, m
 # ``cpu`` is for training on a few CPU cores (README demo, CI, trying a task on a laptop): a quarter of the
 # channels (~1/16 of the conv work per voxel) and patches of at most 32^3 (3D) / 128^2 (2D) voxels. On the
 # toy task a training step then takes ~0.6 s on 2 cores instead of ~35 s with the default plan. Its plans
-# get their own planner id (``D3V001CPU_3d``) so they never mix with nnDetection's.
+# get their own planner id (``D3V001CPU_3d``) so they never mix with nnDetection's. The names are
+# ``planner.presets.PRESET_NAMES`` (shared with the toy generator); tests keep these keys equal to it.
 PRESETS: dict[str, dict[int, ArchDefaults]] = {
     "default": {3: DEFAULTS_3D, 2: DEFAULTS_2D},
     "cpu": {
@@ -71,7 +73,7 @@ PRESET_SUFFIX = {"default": "", "cpu": "CPU"}
 def preset_defaults(preset: str, dim: int) -> ArchDefaults:
     """Architecture defaults of a planner preset (``default`` = nnDetection's, ``cpu``)."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown planner preset {preset!r}: use one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown planner preset {preset!r}: use one of {list(PRESET_NAMES)}")
     return PRESETS[preset][dim]
 
 
@@ -116,13 +118,13 @@ def fit_patch(
     Returns:
         (architecture, patch size, memory breakdown, number of shrink steps, fits in budget)
     """
-    anchors_per_location = SIZES_PER_AXIS**dim
+    num_anchors = anchors_per_location(dim)
     patch = rules.initial_patch_size(spacing_transposed, median_shape_transposed)
     steps = 0
     while True:
         topo = plan_topology(spacing_transposed, patch, defaults.min_feature_map_size)
         arch = _architecture(defaults, dim, in_channels, num_classes, topo, class_weight)
-        mem = memory_breakdown(arch, topo.patch_size, defaults.batch_size, anchors_per_location)
+        mem = memory_breakdown(arch, topo.patch_size, defaults.batch_size, num_anchors)
         capped = defaults.max_patch_voxels is not None and int(np.prod(topo.patch_size)) > defaults.max_patch_voxels
         if mem["total"] <= memory_budget_bytes and not capped:
             return arch, topo.patch_size, mem, steps, True
@@ -148,7 +150,7 @@ def _intensity_properties(fp: Fingerprint, num_modalities: int) -> list[dict[str
 
 
 def _plan_one(fp: Fingerprint, dataset: DatasetInfo, spacing: np.ndarray, mode: str, planner_id: str,
-              memory_budget_bytes: int, notes: list[str], preset: str = "default") -> tuple[Plan, np.ndarray]:
+              memory_budget_bytes: int, notes: list[str], preset: str = DEFAULT_PRESET) -> tuple[Plan, np.ndarray]:
     """One plan at ``spacing`` (raw order); also returns the transposed GT box sizes at that spacing."""
     dim = fp.dim
     defaults = preset_defaults(preset, dim)
@@ -169,7 +171,7 @@ def _plan_one(fp: Fingerprint, dataset: DatasetInfo, spacing: np.ndarray, mode: 
 
     arch, patch, mem, steps, fits = fit_patch(spacing_t, median_t, defaults, dim, len(modality_names),
                                               num_classes, weights, memory_budget_bytes)
-    if preset != "default":
+    if preset != DEFAULT_PRESET:
         notes.append(f"preset {preset}: start channels {defaults.start_channels}, patch <= "
                      f"{defaults.max_patch_voxels} voxels")
     if steps:
@@ -212,7 +214,7 @@ def _plan_one(fp: Fingerprint, dataset: DatasetInfo, spacing: np.ndarray, mode: 
 
 
 def plan_task(fingerprint: Fingerprint, dataset: DatasetInfo,
-              memory_budget_bytes: int = DEFAULT_BUDGET_BYTES, preset: str = "default") -> list[Plan]:
+              memory_budget_bytes: int = DEFAULT_BUDGET_BYTES, preset: str = DEFAULT_PRESET) -> list[Plan]:
     """Plan a task: the main plan first, then the low-resolution plan if it is triggered.
 
     Args:

@@ -9,9 +9,11 @@ import pytest
 
 from planner.dataset import DatasetInfo
 from planner.fingerprint import CaseFingerprint, Fingerprint, IntensityStats
-from planner.plan.memory import estimate_training_memory
+from planner.plan.anchors import anchors_per_location
+from planner.plan.memory import count_parameters, estimate_training_memory, memory_breakdown
 from planner.plan.plan import Plan
-from planner.plan.planner import plan_task
+from planner.plan.planner import PRESET_SUFFIX, PRESETS, plan_task
+from planner.presets import PRESET_NAMES
 
 GIB = 2**30
 
@@ -210,6 +212,48 @@ def test_cpu_preset_narrows_the_network_and_caps_the_patch(toy):
     assert len(cpu.anchors.sizes) == len(cpu.architecture.decoder_levels)
     assert cpu.anchors.mean_best_iou > 0.7
     assert any("preset cpu" in n for n in cpu.notes)
+
+
+def test_preset_names_live_in_one_place():
+    assert tuple(PRESETS) == tuple(PRESET_SUFFIX) == PRESET_NAMES == ("default", "cpu")
+
+
+def _multiclass_2d(preset: str) -> Plan:
+    rng = np.random.default_rng(5)
+    boxes = [[[b[0], b[1], b[3], b[4]] for b in case] for case in _cubes(rng, 6, (200, 200, 200), 3, 10, 30)]
+    classes = [[int(k) for k in rng.integers(0, 3, 3)] for _ in range(6)]
+    fp, ds = _fingerprint([[0.8, 0.8]] * 6, [[200, 200]] * 6, boxes, modalities=("T1", "T2"),
+                          labels=("a", "b", "c"), classes=classes)
+    return plan_task(fp, ds, preset=preset)[0]
+
+
+@pytest.fixture(scope="module")
+def several_plans(toy, ct):
+    fp, ds, (main,) = toy
+    return {
+        "3d": main,
+        "3d_anisotropic": ct[2][0],
+        "3d_cpu": plan_task(fp, ds, preset="cpu")[0],
+        "2d_multiclass": _multiclass_2d("default"),
+        "2d_cpu_multiclass": _multiclass_2d("cpu"),
+    }
+
+
+@pytest.mark.parametrize("name", ["3d", "3d_anisotropic", "3d_cpu", "2d_multiclass", "2d_cpu_multiclass"])
+def test_memory_estimate_counts_the_bundles_network(several_plans, name):
+    """The planner's parameter count and anchors per location are those of the detector the bundle builds."""
+    detector = pytest.importorskip("bundles.retinaunet_template.scripts.detector")
+    plan = several_plans[name]
+    a = plan.architecture
+    net = detector.build_detector(**detector.detector_kwargs_from_plan(plan))
+    assert plan.anchors.num_anchors_per_location == net.network.num_anchors == anchors_per_location(plan.dim)
+    expected = sum(p.numel() for p in net.parameters())
+    assert expected == sum(p.numel() for p in net.network.parameters())  # the detector adds no parameters
+    assert count_parameters(a, plan.anchors.num_anchors_per_location) == expected
+    mem = memory_breakdown(a, plan.patch_size, plan.batch_size, plan.anchors.num_anchors_per_location)
+    assert mem["num_parameters"] == expected and mem["total"] == plan.memory_estimate_bytes
+    if "multiclass" in name:
+        assert a.num_classes == 3 and a.in_channels == 2
 
 
 def test_cpu_preset_2d_and_unknown_preset():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from planner.crop import bbox_of_mask
+from planner.presets import PRESET_NAMES
 from planner.toy import (
     PRESETS,
     case_counts,
@@ -94,7 +95,7 @@ def _find_cases(spec, n=40):
     return filled, holes
 
 
-@pytest.mark.parametrize("preset,size", [("cpu", None), ("cpu", 32), ("nndet", 96)])
+@pytest.mark.parametrize("preset,size", [("cpu", None), ("cpu", 32), ("default", 96)])
 def test_object_geometry_3d(preset, size):
     spec = resolve_spec(preset, 3, size, None, "MRI")
     filled, holes = _find_cases(spec)
@@ -127,9 +128,13 @@ def test_object_geometry_3d(preset, size):
 
 
 def test_presets_follow_nndetection_and_scale():
-    assert PRESETS[("nndet", 3)].size == 256
-    spec = resolve_spec("nndet", 3, None, None, "MRI")
+    assert {name for name, _ in PRESETS} == set(PRESET_NAMES)  # the planner's preset names
+    assert PRESETS[("default", 3)].size == 256
+    spec = resolve_spec("default", 3, None, None, "MRI")
     assert (spec.edge_lo, spec.edge_hi, spec.width) == (16, 32, 4)
+    # the former name "nndet" still means nnDetection's sizes (old command lines keep working)
+    assert resolve_spec("nndet", 3, None, None, "MRI") == spec
+    assert resolve_spec("nndet", 2, None, None, "MRI") == resolve_spec("default", 2, None, None, "MRI")
     cpu = resolve_spec("cpu", 3, None, None, "MRI")
     assert (cpu.size, cpu.edge_lo, cpu.edge_hi, cpu.width) == (64, 8, 16, 2)
     small = resolve_spec("cpu", 3, 32, None, "MRI")
