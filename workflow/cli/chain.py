@@ -7,6 +7,7 @@ import logging
 import os
 
 from planner import paths
+from planner.presets import PRESET_NAMES
 from workflow.cli.common import parse_overrides, print_metrics, run_api, setup_logging
 
 logger = logging.getLogger("workflow")
@@ -95,7 +96,7 @@ def run_main(argv: list[str] | None = None) -> None:
     p.add_argument("--folds", type=int, nargs="+", default=None, help=f"folds to train and ensemble "
                    f"(default 0..{NUM_FOLDS - 1})")
     p.add_argument("--plan", default=None, help="plan id, e.g. D3V001_3d or D3V001CPU_3d (default: the preset's main plan)")
-    p.add_argument("--preset", default=None, choices=["default", "cpu"], help="planner preset (default: default; "
+    p.add_argument("--preset", default=None, choices=list(PRESET_NAMES), help="planner preset (default: default; "
                    "cpu = narrow network on small patches for a few CPU cores)")
     p.add_argument("-o", "--overrides", action="append", help="key=value of configs/train.json for training, "
                    "e.g. -o epochs=10 -o lr=0.005")

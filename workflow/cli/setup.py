@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from planner import paths
+from planner.presets import DEFAULT_PRESET, PRESET_NAMES
 from workflow.cli.common import as_bool, parse_overrides, run_api, setup_logging
 
 
@@ -51,8 +52,8 @@ def env_main(argv: list[str] | None = None) -> None:
 def example_main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="nndet_example", description="Write the toy task Task000D3_Example to $det_data.")
     p.add_argument("--full", action="store_true", help="1000 train + 1000 test cases (nnDetection's --full)")
-    p.add_argument("--preset", default="nndet", choices=["nndet", "cpu"],
-                   help="nndet: nnDetection's 256^3 cases; cpu: small cases a 2-core CPU trains on in minutes")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=[*PRESET_NAMES, "nndet"],
+                   help="default: nnDetection's 256^3 cases (nndet: the same, old name); cpu: small cases a 2-core CPU trains on in minutes")
     p.add_argument("--size", type=int, default=None, help="volume edge in voxels (overrides the preset)")
     p.add_argument("--num_train", type=int, default=None)
     p.add_argument("--num_test", type=int, default=None)
@@ -111,7 +112,7 @@ def prep_main(argv: list[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true", help="recompute stages whose outputs exist")
     p.add_argument("--memory_budget_gb", type=float, default=None, help="GPU memory budget (default 11 GB)")
     p.add_argument("--no_preprocess", action="store_true", help="stop after planning and bundle generation")
-    p.add_argument("--preset", default=None, choices=["default", "cpu"],
+    p.add_argument("--preset", default=None, choices=list(PRESET_NAMES),
                    help="default: nnDetection's network (plans D3V001_*); cpu: narrow network on small patches "
                         "that trains on a few CPU cores (plans D3V001CPU_*)")
     p.add_argument("-o", "--overrides", action="append", help="key=value, e.g. -o overwrite=True -o memory_budget_gb=24")
