@@ -47,7 +47,7 @@ from planner.bundle import TEMPLATE_DIR, verify_bundle
 from planner.io import load_json, save_json
 from planner.plan.plan import Plan
 from workflow.bundle_code import bundle_module
-from workflow.models import bundle_for, trained_folds
+from workflow.models import bundle_for, bundle_plan, trained_folds
 from workflow.sweep import ensemble_params
 
 logger = logging.getLogger(__name__)
@@ -329,7 +329,7 @@ def consolidate(task: str | int, model: str | None = None, plan: str | None = No
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (nndet_consolidate ... --overwrite) to replace it")
     folds = _select_folds(bundle, num_folds, folds)
-    p = Plan.from_json(bundle / "configs" / "plan.json")
+    p = bundle_plan(bundle)
     params, source = _postprocessing(bundle, folds, sweep_boxes)
     metrics, per_fold = fold_metrics(bundle, folds)
     tmp = Path(tempfile.mkdtemp(prefix=f".{CONSOLIDATED}.", suffix=".tmp", dir=bundle))

@@ -59,8 +59,7 @@ def setup(tmp_path_factory):
     generate_example(root / "data", preset="cpu", num_train=6, num_test=2, size=32)
     run_prep("000", preset="cpu")
     bundle = bundle_for("000")
-    load_scripts(bundle)
-    mp.syspath_prepend(str(bundle))
+    load_scripts(bundle)  # the bundle's scripts, as monai.bundle run imports them
     fake_train(bundle)
     save_json({"params": SWEPT, "folds": list(FOLDS)}, bundle / "consolidated_sweep" / "params.json")
     for fold, ap in VAL_AP.items():
@@ -80,15 +79,12 @@ def _drop_scripts() -> None:
 
 def run_consolidated(cons: Path, **overrides) -> None:
     """``python -m monai.bundle run --config_file configs/inference.json ...`` in this process."""
-    mp = pytest.MonkeyPatch()
     load_scripts(cons)
-    mp.syspath_prepend(str(cons))
     try:
         run(config_file=str(cons / "configs" / "inference.json"), meta_file=str(cons / "configs" / "metadata.json"),
             logging_file=False, bundle_root=str(cons), **overrides)
         assert cons in Path(sys.modules["scripts"].__file__).parents  # the consolidated copy ran
     finally:
-        mp.undo()
         _drop_scripts()
 
 
