@@ -20,6 +20,11 @@ The postprocessing parameters in ``inference.json`` (``postprocessing``) are ``w
 over the folds (one fold's sweep, or a sweep over the union of the folds' raw validation predictions) with
 ``sweep_boxes``, nnDetection's defaults otherwise (or when the folds have no sweep predictions).
 
+The operating point (``metadata.json`` -> ``nndet.operating_point``: the score threshold findings are reported
+at, e.g. by the DICOM app) is chosen on the folds' out-of-fold validation predictions with that postprocessing
+(``workflow.evaluate.validation_operating_point``): by default the lowest threshold with FPPI <= 1, or by
+``fppi`` / ``min_sensitivity`` / ``threshold``.
+
 Export to TorchScript / ONNX (measured with MONAI 1.6.1 / torch 2.13 on the cpu preset's network): MONAI's
 ``ckpt_export`` does not work for this model, so we ship state dicts and rebuild the network from
 train.json. Scripting fails in ``UFPN.forward`` (a ``ModuleDict`` indexed by a computed key). Tracing
@@ -47,6 +52,7 @@ from planner.bundle import TEMPLATE_DIR, verify_bundle
 from planner.io import load_json, save_json
 from planner.plan.plan import Plan
 from workflow.bundle_code import bundle_module
+from workflow.evaluate import validation_operating_point
 from workflow.models import bundle_for, bundle_plan, trained_folds
 from workflow.sweep import ensemble_params
 
@@ -182,8 +188,9 @@ def inference_config(plan: Plan, model: str, folds: Sequence[int], params: dict[
 
 def consolidated_metadata(meta: dict[str, Any], plan: Plan, folds: Sequence[int], source: str,
                           metrics: dict[str, float], per_fold: dict[str, dict[str, float]],
-                          with_models: bool) -> dict[str, Any]:
-    """The bundle's metadata.json turned into the consolidated bundle's (a new dict)."""
+                          with_models: bool, operating_point: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The bundle's metadata.json turned into the consolidated bundle's (a new dict); ``operating_point``
+    (:func:`workflow.evaluate.validation_operating_point`) goes to ``nndet.operating_point``."""
     meta = json.loads(json.dumps(meta))
     version = str(meta.get("version", "0.1.0"))
     note = f"consolidated by nndet_consolidate from folds {list(folds)}; postprocessing: {source}"
@@ -219,11 +226,20 @@ def consolidated_metadata(meta: dict[str, Any], plan: Plan, folds: Sequence[int]
         "validation": {"per_fold": per_fold, "note": "fold validation cases with each fold's own swept parameters "
                        "(nndet_eval, preprocessed voxels); eval_metrics is their mean over folds"},
     })
+    meta["nndet"].pop("operating_point", None)
+    if operating_point is not None:
+        meta["nndet"]["operating_point"] = dict(operating_point)
     return meta
 
 
-def readme_text(plan: Plan, model: str, folds: Sequence[int], source: str, with_models: bool) -> str:
+def readme_text(plan: Plan, model: str, folds: Sequence[int], source: str, with_models: bool,
+                operating_point: dict[str, Any] | None = None) -> str:
     """docs/README.md of the consolidated bundle."""
+    op = operating_point
+    op_line = (f"Operating point (`metadata.json` -> `nndet.operating_point`): score >= {op['threshold']:.4f} "
+               f"({op['rule']} on {op['num_cases']} validation case(s): sensitivity {op['sensitivity']:.3f}, "
+               f"FPPI {op['fppi']:.3f}, precision {op['precision']:.3f})." if op else
+               "No operating point was recorded (no validation predictions when consolidating).")
     mods = ", ".join(f"`<case>_{int(k):04d}.nii.gz` = {v}" for k, v in sorted(plan.modalities.items(), key=lambda x: int(x[0])))
     labels = ", ".join(f"{k}: {v}" for k, v in sorted(plan.labels.items(), key=lambda x: int(x[0])))
     weights = "" if with_models else (
@@ -272,6 +288,8 @@ index; {labels}), `class_names`, and the `params` used.
 
 Postprocessing parameters (`postprocessing` in `configs/inference.json`): {source}.
 
+{op_line} The folder prediction writes every box; the threshold is for reporting.
+
 TorchScript/ONNX export (`monai.bundle ckpt_export` / `onnx_export`) is not supported for this network;
 the weights are shipped as state dicts and the network is rebuilt from `configs/train.json`.
 """
@@ -306,7 +324,8 @@ def _replace(tmp: Path, out: Path) -> None:
 
 def consolidate(task: str | int, model: str | None = None, plan: str | None = None, num_folds: int | None = None,
                 sweep_boxes: bool = True, no_model: bool = False, overwrite: bool = False,
-                folds: Sequence[int] | None = None) -> Path:
+                folds: Sequence[int] | None = None, fppi: float | None = None,
+                min_sensitivity: float | None = None, threshold: float | None = None) -> Path:
     """Write ``<bundle>/consolidated/`` (see module docstring) and return it.
 
     Args:
@@ -317,10 +336,14 @@ def consolidate(task: str | int, model: str | None = None, plan: str | None = No
         no_model: leave ``models/`` empty (configs, scripts and docs only).
         overwrite: replace an existing ``consolidated/``.
         folds: exactly these folds (instead of ``num_folds``; all must be trained).
+        fppi, min_sensitivity, threshold: the operating-point rule (at most one; default FPPI <= 1), see
+            :func:`workflow.evaluate.validation_operating_point`.
 
     Raises:
         FileExistsError: ``consolidated/`` exists and ``overwrite`` is False.
-        FileNotFoundError: no trained fold, or folds of ``num_folds`` are not trained.
+        FileNotFoundError: no trained fold, or folds of ``num_folds`` are not trained, or a rule was given and
+            the folds have no validation predictions.
+        ValueError: no threshold satisfies the given rule.
         BundleError: the result does not verify (nothing is left behind).
     """
     task_name = paths.resolve_task(task)
@@ -332,6 +355,8 @@ def consolidate(task: str | int, model: str | None = None, plan: str | None = No
     p = bundle_plan(bundle)
     params, source = _postprocessing(bundle, folds, sweep_boxes)
     metrics, per_fold = fold_metrics(bundle, folds)
+    op = validation_operating_point(bundle, folds, params, fppi=fppi, min_sensitivity=min_sensitivity,
+                                    threshold=threshold)
     tmp = Path(tempfile.mkdtemp(prefix=f".{CONSOLIDATED}.", suffix=".tmp", dir=bundle))
     try:
         (tmp / "configs").mkdir()
@@ -343,11 +368,11 @@ def consolidate(task: str | int, model: str | None = None, plan: str | None = No
             logger.warning("%s has no %s (generated by an older version): using the template's", bundle, PREDICT_SCRIPT)
             shutil.copy2(TEMPLATE_DIR / PREDICT_SCRIPT, tmp / PREDICT_SCRIPT)
         meta = consolidated_metadata(load_json(bundle / "configs" / "metadata.json"), p, folds, source,
-                                     metrics, per_fold, with_models=not no_model)
+                                     metrics, per_fold, with_models=not no_model, operating_point=op)
         save_json(meta, tmp / "configs" / "metadata.json", indent=4)
         save_json(inference_config(p, bundle.name, folds, params, source), tmp / INFERENCE_CONFIG, indent=4)
         (tmp / "docs").mkdir()
-        (tmp / "docs" / "README.md").write_text(readme_text(p, bundle.name, folds, source, not no_model))
+        (tmp / "docs" / "README.md").write_text(readme_text(p, bundle.name, folds, source, not no_model, op))
         if no_model:
             (tmp / "models").mkdir()
         else:
@@ -359,4 +384,8 @@ def consolidate(task: str | int, model: str | None = None, plan: str | None = No
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("consolidated %d fold(s) %s of %s into %s (postprocessing: %s)", len(folds), folds, bundle.name,
                 out, source)
+    if op is not None:
+        logger.info("operating point (%s on %d validation case(s)): score >= %.4f, sensitivity %.3f, FPPI %.3f, "
+                    "precision %.3f", op["rule"], op["num_cases"], op["threshold"], op["sensitivity"], op["fppi"],
+                    op["precision"])
     return out

@@ -103,7 +103,7 @@ def eval_main(argv: list[str] | None = None) -> None:
     p.add_argument("--no_plots", action="store_true")
     a = p.parse_intermixed_args(argv)
     setup_logging()
-    from workflow.evaluate import evaluate_fold, evaluate_test
+    from workflow.evaluate import evaluate_fold, evaluate_test, operating_points_text
     from workflow.models import bundle_for
 
     model, fold = _model_and_fold(a.model, a.fold)
@@ -116,6 +116,9 @@ def eval_main(argv: list[str] | None = None) -> None:
                        analyze_boxes=a.analyze_boxes)
         out = bundle_for(a.task, model, a.plan) / f"fold{fold}" / "val_results"
     print_metrics(metrics, out)
+    text = operating_points_text(bundle_for(a.task, model, a.plan), out)
+    if text:
+        print(f"\n{text}")
     if a.analyze_boxes:
         from planner.io import load_json
         from workflow.analysis import ANALYSIS_DIR, format_summary
@@ -164,7 +167,9 @@ def consolidate_main(argv: list[str] | None = None) -> None:
         prog="nndet_consolidate",
         description="Consolidate the trained folds of a task into one self-contained inference bundle "
                     "<bundle>/consolidated/ (configs/inference.json, metadata.json, models/model_fold<X>.pt, docs/)",
-        epilog="example:\n  nndet_consolidate 000 --num_folds 5\n  cd $det_models/Task000D3_Example/"
+        epilog="examples:\n  nndet_consolidate 000 --num_folds 5\n  nndet_consolidate 000 --fppi 0.5 --overwrite   "
+               "# operating point: lowest threshold with <= 0.5 false positives per case\n"
+               "  nndet_consolidate 000 --min_sensitivity 0.9 --overwrite\n  cd $det_models/Task000D3_Example/"
                "RetinaUNetV001_D3V001_3d/consolidated && python -m monai.bundle run --config_file "
                "configs/inference.json --meta_file configs/metadata.json --bundle_root . --input_dir IN --output_dir OUT",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,14 +182,33 @@ def consolidate_main(argv: list[str] | None = None) -> None:
                    "instead of the folds' sweep")
     p.add_argument("--no_model", action="store_true", help="configs, scripts and docs only (no weights in models/)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing consolidated/ folder")
+    rule = p.add_argument_group("operating point (metadata.json nndet.operating_point, chosen on the folds' "
+                                "validation predictions; default: the lowest threshold with FPPI <= 1)")
+    rule = rule.add_mutually_exclusive_group()
+    rule.add_argument("--fppi", type=float, default=None, metavar="X",
+                      help="the lowest score threshold with at most X false positives per case")
+    rule.add_argument("--min_sensitivity", type=float, default=None, metavar="S",
+                      help="the highest score threshold with sensitivity >= S (0..1)")
+    rule.add_argument("--threshold", type=float, default=None, metavar="T", help="this score threshold")
     a = p.parse_args(argv)
     setup_logging()
+    from planner.io import load_json
     from workflow.consolidate import consolidate
 
     out = run_api(consolidate, a.task, model=a.model, plan=a.plan, num_folds=a.num_folds,
-               sweep_boxes=not a.no_sweep_boxes, no_model=a.no_model, overwrite=a.overwrite)
+               sweep_boxes=not a.no_sweep_boxes, no_model=a.no_model, overwrite=a.overwrite, fppi=a.fppi,
+               min_sensitivity=a.min_sensitivity, threshold=a.threshold)
     print(f"consolidated bundle: {out}\nrun it:  cd {out} && python -m monai.bundle run --config_file "
           "configs/inference.json --meta_file configs/metadata.json --bundle_root . --input_dir IN --output_dir OUT")
+    op = load_json(out / "configs" / "metadata.json").get("nndet", {}).get("operating_point")
+    if op:
+        print(f"operating point ({op['rule']}, {op['num_cases']} validation case(s)): score >= {op['threshold']:.4f}"
+              f"  sensitivity {op['sensitivity']:.3f}  FPPI {op['fppi']:.3f}  precision {op['precision']:.3f}")
+        for name, r in op.get("per_class", {}).items():
+            print(f"  class {name}: sensitivity {r['sensitivity']:.3f}  FPPI {r['fppi']:.3f}  "
+                  f"precision {r['precision']:.3f}")
+    else:
+        print("operating point: none recorded (no validation predictions; run nndet_sweep per fold)")
 
 
 # ------------------------------------------------------------------------------------ boxes2nii

@@ -125,6 +125,32 @@ def _pooled(
     return np.concatenate(scores).astype(np.float64), np.concatenate(tps).astype(bool), num_gt
 
 
+def _match(preds: list[dict[str, np.ndarray]], gts: list[dict[str, np.ndarray]], thresholds: Sequence[float],
+           max_det: int) -> list[dict[int, dict[str, np.ndarray]]]:
+    """MONAI's ``matching_batch`` with ``box_iou`` on checked cases (each IoU threshold matched on its own)."""
+    return matching_batch(
+        iou_fn=box_iou,
+        iou_thresholds=list(thresholds),
+        pred_boxes=[p["boxes"] for p in preds],
+        pred_classes=[p["labels"] for p in preds],
+        pred_scores=[p["scores"] for p in preds],
+        gt_boxes=[g["boxes"] for g in gts],
+        gt_classes=[g["labels"] for g in gts],
+        max_detections=max_det,
+    )
+
+
+def froc_detections(
+    predictions: Sequence[dict[str, Any]], ground_truth: Sequence[dict[str, Any]], classes: Sequence[str],
+    iou: float = 0.1, max_detections: int = MAX_DETECTIONS[-1],
+) -> tuple[dict[int | None, tuple[np.ndarray, np.ndarray, int]], int]:
+    """The detections the FROC counts (same matching and pooling): ``({None: pooled, c: class c}`` of
+    (scores [D], is_tp [D], num_gt), number of images); arguments as :func:`evaluate_boxes_detailed`."""
+    preds, gts, _ = _check_cases(predictions, ground_truth, len(classes))
+    matches = _match(preds, gts, [float(iou)], int(max_detections))
+    return {c: _pooled(matches, 0, c) for c in [None, *range(len(classes))]}, len(matches)
+
+
 def froc_curve(is_tp: np.ndarray, scores: np.ndarray, num_images: int, num_gt: int) -> tuple[np.ndarray, ...]:
     """FROC curve points: one per distinct score (all detections scoring >= it), starting at (0, 0).
 
@@ -303,16 +329,7 @@ def evaluate_boxes_detailed(
     )
     thresholds = np.asarray(coco.iou_thresholds, dtype=np.float64)
     plot_ious = [t for t in PLOT_IOUS if np.min(np.abs(thresholds - t)) < 1e-9]
-    matches = matching_batch(
-        iou_fn=box_iou,
-        iou_thresholds=list(thresholds),
-        pred_boxes=[p["boxes"] for p in preds],
-        pred_classes=[p["labels"] for p in preds],
-        pred_scores=[p["scores"] for p in preds],
-        gt_boxes=[g["boxes"] for g in gts],
-        gt_classes=[g["labels"] for g in gts],
-        max_detections=max(max_detections),
-    )
+    matches = _match(preds, gts, thresholds, max(max_detections))
     gt_count = np.bincount(
         np.concatenate([g["labels"] for g in gts] + [np.zeros(0, int)]), minlength=len(classes)
     )
