@@ -13,7 +13,11 @@ Written with highdicom, one pair of measurement groups per finding above the ope
   INFERRED FROM): without it the box is drawn but is no editable rectangle. highdicom does not build that
   item in a planar group, so :func:`_add_inferred_from` adds it with pydicom after the object is built.
 * a **TID 1411 volumetric group** (same Tracking Identifier with " (3D)", its own UID): the closed rectangle on
-  every slice the box spans, so a reader can rebuild the box in 3D.
+  every slice the box spans, so a reader can rebuild the box in 3D: a Volume Surface (DCM 121231) of SCOORD3D
+  ``POLYGON``s, 5 LPS mm points each (first = last) on the slice's centre plane, in the series' frame of
+  reference, with the spanned instances as its source images (a one-slice box gets its two faces instead: a
+  surface needs two polygons). Not 2D SCOORD POLYLINEs: Cornerstone's adapters take any group whose first
+  SCOORD is a 4/5-point POLYLINE for a RectangleROI, so OHIF would list a second, "3D" rectangle per finding.
 
 Pixel coordinates follow DICOM (PS3.3 C.18.6.1.1): (0, 0) is the top-left corner of the top-left pixel, so the
 box's voxel edges ``c0, c1`` / ``r0, r1`` (see :mod:`apps.detect_dicom.findings`) are its SCOORD coordinates.
@@ -56,6 +60,20 @@ def _outline(volume: DicomVolume, f: Finding, s: int) -> hd.sr.ImageRegion:
     return hd.sr.ImageRegion(hd.sr.GraphicTypeValues.POLYLINE, rectangle(c0, r0, c1, r1), _source(volume, s))
 
 
+def volume_surface(volume: DicomVolume, f: Finding) -> hd.sr.VolumeSurface:
+    """The box as closed rectangles in LPS mm on the centre plane of every slice it spans (or, for a one-slice
+    box, on its two faces), with the spanned instances as source images."""
+    s0, r0, c0, s1, r1, c1 = f.box_voxel
+    planes = list(range(s0, s1)) if s1 - s0 >= 2 else [s0 - 0.5, s1 - 0.5]
+    # pixel coordinate x is voxel index x - 0.5 (DICOM's origin is the top-left pixel's corner)
+    polygons = [(np.array([[s, r - 0.5, c - 0.5, 1.0] for c, r in rectangle(c0, r0, c1, r1)]) @ volume.affine.T)
+                [:, :3] for s in planes]
+    sources = [hd.sr.SourceImageForSegmentation(str(volume.datasets[s].SOPClassUID), volume.sop_instance_uids[s])
+               for s in range(s0, s1)]
+    return hd.sr.VolumeSurface(hd.sr.GraphicTypeValues3D.POLYGON, polygons, volume.frame_of_reference_uid,
+                               source_images=sources)
+
+
 def image_extents_mm(volume: DicomVolume, f: Finding) -> tuple[float, float, float]:
     """(width, height, depth) of the box in mm: along the image's columns, rows and slices."""
     ds, dr, dc = volume.spacing
@@ -88,10 +106,9 @@ def _groups(volume: DicomVolume, f: Finding, algorithm: hd.sr.AlgorithmIdentific
         measurements=_measurements(volume, f), geometric_purpose=cc.BOUNDED_BY,
         finding_category=cc.MORPHOLOGIC_ABNORMALITY)
     planar[0].ContentSequence.append(_text(comment(f)))
-    s0, s1 = f.box_voxel[0], f.box_voxel[3]
     volumetric = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"Finding {f.index} (3D)"),
-        referenced_regions=[_outline(volume, f, s) for s in range(s0, s1)], finding_type=kind,
+        referenced_volume_surface=volume_surface(volume, f), finding_type=kind,
         algorithm_id=algorithm, geometric_purpose=cc.BOUNDED_BY, finding_category=cc.MORPHOLOGIC_ABNORMALITY)
     volumetric[0].ContentSequence.append(_text(comment(f)))
     return [planar, volumetric]

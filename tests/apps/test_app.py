@@ -41,9 +41,9 @@ def _oblique(affine: np.ndarray) -> np.ndarray:
 def study(tmp_path_factory):
     """A consolidated bundle and a study: axial ascending, oblique descending with rescale and non-square pixels,
     a series with a missing slice, a scout series (not selected) and a non-image SR object."""
-    from tests.workflow.test_consolidate import fake_train
     from planner.prep import run_prep
     from planner.toy import generate_example
+    from tests.workflow.test_consolidate import fake_train
     from workflow.bundle_code import load_scripts
     from workflow.consolidate import consolidate
     from workflow.models import bundle_for

@@ -3,6 +3,8 @@ right place, and dicom3tools' dciodvfy finds no error in them."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import highdicom as hd
 import numpy as np
 import pydicom
@@ -11,7 +13,7 @@ import pytest
 from apps.detect_dicom import codes as cc
 from apps.detect_dicom.findings import findings_from_prediction
 from apps.detect_dicom.seg import write_seg
-from apps.detect_dicom.sr import read_sr_boxes, write_sr
+from apps.detect_dicom.sr import read_sr_boxes, volume_surface, write_sr
 from apps.detect_dicom.volume import build_volume, read_folder
 from tests.apps.dicom_factory import make_affine, rotation, toy_volume, write_series
 from tests.apps.tools import dciodvfy_errors
@@ -101,12 +103,34 @@ def test_sr_groups_carry_what_ohif_and_slicer_read(case):
             image = next(_items(inferred[0], "IMAGE"))
             assert image.RelationshipType == "SELECTED FROM"
         assert _text(g, "121106") == [f"{f.class_name} p={f.score:.2f}"]
+    vol = case["vol"]
+    inverse = np.linalg.inv(vol.affine)
     for g, f in zip(volumetric, shown, strict=True):
-        outlines = list(_items(g, "SCOORD"))
-        assert len(outlines) == f.box_voxel[3] - f.box_voxel[0]  # one closed rectangle per slice spanned
-        refs = [next(_items(o, "IMAGE")).ReferencedSOPSequence[0].ReferencedSOPInstanceUID for o in outlines]
-        assert refs == list(case["vol"].sop_instance_uids[f.box_voxel[0]:f.box_voxel[3]])
+        assert list(_items(g, "SCOORD")) == []  # a 2D POLYLINE here would be a second rectangle in OHIF
+        outlines = list(_items(g, "SCOORD3D"))
+        s0, r0, c0, s1, r1, c1 = f.box_voxel
+        assert s1 - s0 >= 2 and len(outlines) == s1 - s0  # one closed rectangle per slice spanned
+        sources = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in _items(g, "IMAGE")]
+        assert sources == list(vol.sop_instance_uids[s0:s1])
+        for s, o in zip(range(s0, s1), outlines, strict=True):
+            assert o.GraphicType == "POLYGON" and o.ReferencedFrameOfReferenceUID == vol.frame_of_reference_uid
+            lps = np.asarray(o.GraphicData, dtype=float).reshape(-1, 3)
+            assert len(lps) == 5 and np.allclose(lps[0], lps[-1])
+            index = (np.c_[lps, np.ones(5)] @ inverse.T)[:, :3]  # back to (slice, row, column) voxel indices
+            np.testing.assert_allclose(index[:, 0], s, atol=1e-3)  # on the slice's centre plane
+            np.testing.assert_allclose(index[:4, 1:] + 0.5, [[r0, c0], [r0, c1], [r1, c1], [r1, c0]], atol=1e-3)
         assert _text(g, "112039") == [f"Finding {f.index} (3D)"]
+
+
+def test_a_one_slice_box_gets_its_two_faces_as_volume_surface(case):
+    vol = case["vol"]
+    f = dataclasses.replace(case["findings"][0], box_voxel=(4, 2, 3, 5, 6, 8))
+    surface = volume_surface(vol, f)
+    polygons = [np.asarray(i.GraphicData, dtype=float).reshape(-1, 3) for i in surface if i.ValueType == "SCOORD3D"]
+    index = [(np.c_[p, np.ones(len(p))] @ np.linalg.inv(vol.affine).T)[:, :3] for p in polygons]
+    assert [round(float(i[:, 0].mean()), 3) for i in index] == [3.5, 4.5]  # the box's faces, not a slice centre
+    sources = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in surface if i.ValueType == "IMAGE"]
+    assert sources == [vol.sop_instance_uids[4]]
 
 
 def test_sr_extents_and_finding_codes(case):
