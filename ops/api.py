@@ -129,7 +129,7 @@ def weighted_nms(boxes, scores, labels, weights, iou_threshold: float, max_keep:
     """nnDetection's per-model stage: class-wise NMS ranked by ``score * weight``.
 
     ``weights`` is the position weight of each box in its sliding-window tile (1 in the centre, down to
-    0.5 at the corners, SPEC section 8). The rank key is the float32 product ``score * weight``; the
+    0.5 at the corners, nnDetection's rule). The rank key is the float32 product ``score * weight``; the
     caller keeps the **original** scores of the returned boxes (``scores[keep]``), as nnDetection does.
 
     Args:
@@ -163,7 +163,7 @@ def wbc(
     weights=None,
     missing_weight: float = 1.0,
 ):
-    """Weighted box clustering per class (nnDetection's ensembling, SPEC section 8; see ops.wbc).
+    """Weighted box clustering per class (nnDetection's ``batched_wbc_ensemble``; see ops.wbc).
 
     Args:
         boxes: ``[N, 4]`` / ``[N, 6]`` StandardMode boxes from all ensemble members.

@@ -1,8 +1,9 @@
 """Weighted box clustering (WBC) consolidation, shared by the numpy and CUDA backends.
 
-Definition (nnDetection's ensembling, SPEC section 8), applied per class: rank boxes by score; repeat:
-take the highest remaining box ``h`` (the head); its cluster is every remaining box of the same class
-with ``IoU(h, .) > iou_threshold``, the head included; with member weights ``m_i = w_i * IoU(h, b_i)``::
+Definition (nnDetection's ``batched_wbc`` in ``nndet/inference/detection/wbc.py``), applied per class:
+rank boxes by score; repeat: take the highest remaining box ``h`` (the head); its cluster is every
+remaining box of the same class with ``IoU(h, .) > iou_threshold``, the head included; with member
+weights ``m_i = w_i * IoU(h, b_i)``::
 
     box       = sum(m_i * s_i * b_i) / sum(m_i * s_i)
     n_missing = max(0, mean(n_exp_preds over members) - cluster size)

@@ -1,4 +1,5 @@
-"""Dataset checks run by `nndet_prep` (SPEC section 2): every problem at once, nothing written.
+"""Dataset checks run by `nndet_prep` (nnDetection's ``nndet/utils/check.py``, extended): every problem at
+once, nothing written.
 
 Quick checks (always; no image is loaded):
 

@@ -1,4 +1,4 @@
-"""Dataset layer: the nnDetection raw layout (SPEC section 2).
+"""Dataset layer: reads a task in nnDetection's raw layout (dataset.json / .yaml, instance maps + json).
 
 ```
 $det_data/Task000D3_Example/

@@ -1,4 +1,8 @@
-"""Dataset fingerprint (SPEC section 3): what the planner needs to know about a task, as JSON.
+"""Dataset fingerprint: what the planner needs to know about a task, as JSON.
+
+Our counterpart of the properties nnDetection's dataset analysis (``nndet/planning/analyzer.py``) pickles:
+shapes and spacings, crop size reductions, foreground intensity statistics per modality, and per-instance
+boxes, classes and volumes.
 
 Measured on the cropped (nonzero) data of the training cases. Axis order is the raw voxel order
 (nibabel i, j, k); boxes are MONAI StandardMode in voxel coordinates of the *cropped* case,

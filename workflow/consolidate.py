@@ -1,4 +1,4 @@
-"""`nndet_consolidate` as an API: one self-contained inference bundle from a task's trained folds (SPEC 11).
+"""`nndet_consolidate` as an API: one self-contained inference bundle from a task's trained folds.
 
 ``consolidate("000")`` writes ``$det_models/<task>/<model>/consolidated/``::
 

@@ -21,7 +21,7 @@ PLAN_SCHEMA_VERSION = 1
 
 @dataclass(frozen=True)
 class ArchitecturePlan:
-    """Retina U-Net topology (SPEC section 4/6).
+    """Retina U-Net topology as planned (defaults: 3D values of nnDetection's ``BoxC002`` architecture planner).
 
     ``conv_kernels[s]`` and ``strides[s]`` are per encoder stage s (stage 0 has stride 1 on every
     axis); ``decoder_levels`` are the stage indices whose FPN maps feed the detection heads.

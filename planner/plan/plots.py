@@ -1,4 +1,7 @@
-"""Planner plots (SPEC section 3): what the objects of a task look like, as PNGs next to the plans.
+"""Planner plots: what the objects of a task look like, as PNGs next to the plans.
+
+The same kind of overview nnDetection's planner writes to ``preprocessed/analysis/``: box size and volume
+histograms, box-size scatter plots, class counts and instances per case.
 
 Written with matplotlib's Agg canvas directly (no pyplot, no display, no global backend switch).
 Dataset-level plots go to ``out_dir``; per-plan plots (sizes in voxels of the plan's preprocessed

@@ -1,4 +1,5 @@
-"""Planner heuristics (SPEC section 4) as named constants and small pure functions.
+"""Planner heuristics (target spacing, transpose, normalisation, patch size, low-res trigger) as named
+constants and small pure functions.
 
 Every function here is a rule of nnDetection's ``D3V001`` planner (which takes the spacing rule from
 nnU-Net v2.1), written as a pure function of the fingerprint's numbers so each can be tested alone.

@@ -1,4 +1,4 @@
-"""Encoder topology from spacing and patch size (the nnU-Net rule nnDetection uses; SPEC section 4).
+"""Encoder topology from spacing and patch size (nnU-Net's ``get_pool_and_conv_props``, as nnDetection uses it).
 
 Our own implementation of the rule: at every step, pool (stride 2) the axes whose current spacing
 is less than twice the finest current spacing and whose current feature map is at least twice the

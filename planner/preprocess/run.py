@@ -1,4 +1,4 @@
-"""Offline preprocessing of a task with the transform chain of its generated bundle (SPEC section 5).
+"""Offline preprocessing of a task with the transform chain of its generated bundle (``nndet_prep``).
 
 Per plan the output is ``<task>/preprocessed/<plan_id>/images{Tr,Ts}/``:
 

@@ -1,4 +1,4 @@
-"""The preprocessing of a plan as MONAI dictionary transforms (SPEC section 5, DESIGN rule 1).
+"""The preprocessing of a plan as MONAI dictionary transforms, defined once for training and inference.
 
 The chain a generated bundle's ``configs/preprocessing.json`` instantiates::
 
@@ -183,7 +183,7 @@ def resample_labels(labels: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
 def normalize_channel(
     x: np.ndarray, scheme: str, props: Mapping[str, float], mask: np.ndarray | None, use_mask: bool
 ) -> np.ndarray:
-    """Normalise one channel (float32 [*spatial]) by its modality's scheme (SPEC section 5).
+    """Normalise one channel (float32 [*spatial]) by its modality's scheme (nnDetection's rules).
 
     Args:
         x: intensities of one modality.

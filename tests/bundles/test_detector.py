@@ -74,7 +74,7 @@ def test_anchor_levels_must_agree():
 
 
 def _reference_atss(boxes, anchors, per_level, k, num_anchors_per_loc):
-    """SPEC section 6 ATSS written plainly: per level the k*A anchors with nearest centres."""
+    """nnDetection's ATSS written plainly: per level the k*A anchors with nearest centres."""
     b, a = boxes.numpy().astype(np.float64), anchors.numpy().astype(np.float64)
     d = b.shape[1] // 2
     bc, ac = (b[:, :d] + b[:, d:]) / 2, (a[:, :d] + a[:, d:]) / 2

@@ -1,4 +1,4 @@
-"""Box metrics: hand-computed cases and parity with a plain implementation of the SPEC section 10 definitions."""
+"""Box metrics: hand-computed cases and parity with a plain implementation of nnDetection's definitions."""
 
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def test_curves_structure():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Parity: a plain, loop-based implementation of the SPEC section 10 definitions.
+# Parity: a plain, loop-based implementation of nnDetection's COCO AP / FROC definitions.
 # ---------------------------------------------------------------------------------------------------------------
 
 

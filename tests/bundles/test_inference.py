@@ -226,7 +226,7 @@ def _iou(a, b, d):
 
 def reference_consolidate(raw, shape, model_iou, model_nms, model_score_thresh, remove_small_boxes,
                           model_topk, detections_per_image):
-    """SPEC section 8 per-member stage, written out in plain Python."""
+    """nnDetection's per-member (model x TTA) stage, written out in plain Python."""
     d = len(shape)
     order = sorted(range(len(raw)), key=lambda i: -float(raw.scores[i]))[:model_topk]
     order = [i for i in order if raw.scores[i] > model_score_thresh]

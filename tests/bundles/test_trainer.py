@@ -68,30 +68,30 @@ def test_param_groups_cover_the_detector_once():
 
 
 # ---------------------------------------------------------------------------------- LR schedule
-SPEC = {"base_lr": 0.01, "warmup_iters": 4000, "poly_iters": 50 * 2500, "iters_per_epoch": 2500}
+NNDET_SCHEDULE = {"base_lr": 0.01, "warmup_iters": 4000, "poly_iters": 50 * 2500, "iters_per_epoch": 2500}
 
 
 def test_lr_warmup_linear_from_1e6_to_base():
-    assert scheduled_lr(0, **SPEC) == pytest.approx(1e-6)
-    assert scheduled_lr(2000, **SPEC) == pytest.approx((1e-6 + 0.01) / 2)
-    assert scheduled_lr(4000, **SPEC) == pytest.approx(0.01)
+    assert scheduled_lr(0, **NNDET_SCHEDULE) == pytest.approx(1e-6)
+    assert scheduled_lr(2000, **NNDET_SCHEDULE) == pytest.approx((1e-6 + 0.01) / 2)
+    assert scheduled_lr(4000, **NNDET_SCHEDULE) == pytest.approx(0.01)
 
 
 def test_lr_poly_decay_after_warmup():
     # halfway through the poly phase: 0.01 * 0.5 ** 0.9
     mid = 4000 + (125000 - 4000) // 2
-    assert scheduled_lr(mid, **SPEC) == pytest.approx(0.01 * 0.5**0.9, rel=1e-4)
-    assert scheduled_lr(124999, **SPEC) == pytest.approx(0.01 * (1 / 121000) ** 0.9, rel=1e-6)
-    values = [scheduled_lr(i, **SPEC) for i in range(4000, 125000, 5000)]
+    assert scheduled_lr(mid, **NNDET_SCHEDULE) == pytest.approx(0.01 * 0.5**0.9, rel=1e-4)
+    assert scheduled_lr(124999, **NNDET_SCHEDULE) == pytest.approx(0.01 * (1 / 121000) ** 0.9, rel=1e-6)
+    values = [scheduled_lr(i, **NNDET_SCHEDULE) for i in range(4000, 125000, 5000)]
     assert all(a > b for a, b in zip(values, values[1:], strict=False))
 
 
 def test_lr_swa_cycles_each_epoch_from_lr_over_10_to_lr_over_1000():
     for epoch in (50, 55, 59):
         start = epoch * 2500
-        assert scheduled_lr(start, **SPEC) == pytest.approx(1e-3)
-        assert scheduled_lr(start + 2499, **SPEC) == pytest.approx(1e-5)
-        assert scheduled_lr(start + 1249.5, **SPEC) == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-3)
+        assert scheduled_lr(start, **NNDET_SCHEDULE) == pytest.approx(1e-3)
+        assert scheduled_lr(start + 2499, **NNDET_SCHEDULE) == pytest.approx(1e-5)
+        assert scheduled_lr(start + 1249.5, **NNDET_SCHEDULE) == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-3)
 
 
 def test_scheduler_sets_the_optimizer_lr_per_step():

@@ -1,4 +1,4 @@
-"""Weighted box clustering against a plain loop written from the SPEC (section 8) definition."""
+"""Weighted box clustering against a plain loop written from nnDetection's WBC definition (see ``ops.wbc``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.ops import box_sets, pair_iou64, random_boxes
 
 
 def reference_wbc(boxes, scores, labels, thr, n_exp, score_thr=0.0, weights=None, missing_weight=1.0):
-    """SPEC section 8, literally: per class, greedy clusters around the best remaining box."""
+    """nnDetection's WBC, literally: per class, greedy clusters around the best remaining box."""
     n = len(boxes)
     weights = np.ones(n) if weights is None else np.asarray(weights, float)
     n_exp = np.broadcast_to(np.asarray(n_exp, float), (n,))

@@ -232,7 +232,7 @@ def test_train_config_lists_nndetection_schedule_and_augmentation(bundle, plan, 
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "train.json"))
     parser["bundle_root"] = str(bundle)
-    # SPEC section 7 defaults, readable (and overridable) as config ids
+    # nnDetection's training defaults, readable (and overridable) as config ids
     assert [parser[k] for k in ("epochs", "swa_epochs", "iterations", "warmup", "lr", "weight_decay")] == [
         50, 10, 2500, 4000, 0.01, 3e-05]
     assert parser["batch_size"] == plan.batch_size and parser["patch_size"] == plan.patch_size

@@ -1,4 +1,4 @@
-"""Planner heuristics (SPEC section 4), each rule on hand-computed cases."""
+"""Planner heuristics (nnDetection's D3V001 rules), each rule on hand-computed cases."""
 
 from __future__ import annotations
 

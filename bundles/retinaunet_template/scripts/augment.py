@@ -1,4 +1,4 @@
-"""nnU-Net-style augmentation acting jointly on an image patch and its instance map (SPEC section 7, "base_more").
+"""nnU-Net-style augmentation acting jointly on an image patch and its instance map (nnDetection's "base_more").
 
 Order (nnDetection ``BaseMoreAug``): spatial transform (rotation, scaling, centre crop to the final patch),
 Gaussian noise, Gaussian blur, multiplicative brightness, contrast, inverted gamma, gamma, mirroring, and
@@ -73,7 +73,7 @@ def footprint_size(patch_size: Sequence[int], matrix: np.ndarray | None, margin:
 
 
 class DetectionAugmentation:
-    """Joint image / instance-map augmentation with SPEC defaults (nnDetection "base_more").
+    """Joint image / instance-map augmentation; defaults are nnDetection's "base_more" values but ``image_order``.
 
     Args:
         dim: spatial dimensions (2 or 3).

@@ -1,4 +1,4 @@
-"""Training / validation patches from the preprocessed arrays (SPEC section 7, nnDetection DataLoader3DOffset).
+"""Training / validation patches from the preprocessed arrays (sampling as nnDetection's ``DataLoader3DOffset``).
 
 Input layout (``preprocessed/<plan_id>/imagesTr/``), per case:
 
@@ -343,8 +343,8 @@ def make_train_loader(
         batch_size: samples per batch.
         num_batches: batches per epoch (``len(loader)``).
         num_workers: worker processes; ``None`` -> ``det_num_threads``. Workers are persistent.
-        oversample_foreground: share of each batch centred on a whole instance (SPEC: 0.5).
-        augment: an augmentation object, ``True`` for SPEC defaults, ``False`` for none.
+        oversample_foreground: share of each batch centred on a whole instance (nnDetection: 0.5).
+        augment: an augmentation object, ``True`` for nnDetection's "base_more" defaults, ``False`` for none.
         seed: the run's seed; the same seed gives the same batches (call ``loader.batch_sampler.set_epoch``
             when resuming at a later epoch).
     """

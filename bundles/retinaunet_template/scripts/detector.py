@@ -1,8 +1,15 @@
 """Retina U-Net detector glue: anchors, ATSS matching, hard-negative sampling, box coding, losses and
-in-model postprocessing (SPEC section 6), on MONAI's detection parts (none of which need torchvision).
+in-model postprocessing with nnDetection's ``RetinaUNetV001`` settings, on MONAI's detection parts (none of
+which need torchvision).
 
 Boxes everywhere are MONAI ``StandardMode`` (x1, y1, [z1,] x2, y2, [z2]) in voxels of the preprocessed
 image, half-open (a box over voxels i..j spans [i, j + 1)); labels are 0-based foreground classes.
+
+This stays one module although it is over 400 lines: the anchor generator, matcher, sampler and
+postprocessing all index one flat anchor order (locations in 'ij' order, then anchors) that
+``PlanAnchorGenerator`` produces and ``_flatten_levels`` reproduces for the head outputs, and the MONAI
+subclasses here exist only to serve ``RetinaUNetDetector``; keeping them together keeps that contract in
+one place.
 """
 
 from __future__ import annotations

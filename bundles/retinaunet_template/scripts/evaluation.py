@@ -1,4 +1,4 @@
-"""Box evaluation with nnDetection's metric definitions and key names (SPEC section 10).
+"""Box evaluation with nnDetection's metric definitions and key names (its ``BoxEvaluator``).
 
 Metrics (all in ``results_boxes.json``):
 

@@ -64,7 +64,7 @@ class SWAHandler:
     Args:
         swa_model: ``torch.optim.swa_utils.AveragedModel`` of ``network``.
         network: the trained module.
-        start_epoch: epochs before SWA (SPEC: 50); ``swa_epochs == 0`` means no averaging.
+        start_epoch: epochs before SWA (nnDetection: 50); ``swa_epochs == 0`` means no averaging.
     """
 
     # ours: neither MONAI nor ignite has an SWA handler (ignite's EMAHandler is exponential, not an equal mean)

@@ -1,4 +1,6 @@
-"""Whole-case inference: sliding window, mirror TTA, per-member consolidation, WBC ensembling (SPEC 8).
+"""Whole-case inference: sliding window, mirror TTA, per-member consolidation, WBC ensembling.
+
+The stages and their defaults follow nnDetection's ``Predictor`` with its ``BoxEnsemblerSelective``:
 
 1. pad the case where it is smaller than the patch, tile it (``pad_to_patch``, ``tile_starts``);
 2. per *member* = (model, mirror transform): flip tiles, detect (in-model postprocess per tile),
@@ -12,6 +14,11 @@ them as ``.npz`` (no pickle) and a sweep re-runs ``postprocess_members`` only.
 Boxes are MONAI ``StandardMode`` (x1, y1, [z1,] x2, y2, [z2]), half-open voxel coordinates (voxels
 i..j -> [i, j + 1), see :mod:`ops.boxes`) of the unpadded preprocessed case unless said otherwise;
 ``restore_boxes`` maps them to the original image's voxels, ``voxel_boxes_to_world`` to millimetres.
+
+This stays one module although it is over 400 lines: every stage passes the same ``Detections`` /
+``CasePrediction`` records and shares ``_by_score``, ``DEFAULT_PARAMS`` / ``_MODEL_KEYS`` and ``_FIELDS``
+(the raw ``.npz`` layout is the record's fields), and the bundle's ``predict.py`` and ``workflow.sweep`` /
+``workflow.evaluate`` use it as one namespace, so a split would scatter one data type and its file format.
 """
 
 from __future__ import annotations
@@ -277,7 +284,7 @@ def consolidate_member(raw: Detections, shape: Sequence[int], model_iou: float =
                        model_nms: str = "weighted", model_score_thresh: float = 0.0,
                        remove_small_boxes: float = 0.01, model_topk: int = 1000,
                        detections_per_image: int = 100) -> Detections:
-    """nnDetection's per model-TTA stage on a member's ``raw`` detections over the case ``shape`` (SPEC 8).
+    """nnDetection's per model-TTA stage on a member's ``raw`` detections over the case ``shape``.
 
     Sort by score, keep ``model_topk``, keep scores ``> model_score_thresh``, clip to ``shape``, drop
     boxes with a side ``< remove_small_boxes``, class-wise NMS at ``model_iou``: "weighted" ranks by

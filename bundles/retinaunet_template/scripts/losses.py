@@ -1,4 +1,4 @@
-"""Retina U-Net losses (SPEC section 6): BCE classification, GIoU regression, 0.5 CE + 0.5 Dice seg.
+"""Retina U-Net losses (nnDetection's choices): BCE classification, GIoU regression, 0.5 CE + 0.5 Dice seg.
 
 Boxes are MONAI ``StandardMode`` (x1, y1, [z1,] x2, y2, [z2]) in voxels of the preprocessed image,
 half-open (size = x2 - x1).

@@ -1,4 +1,4 @@
-"""Retina U-Net network for 2D and 3D, built from the plan's topology (SPEC section 6).
+"""Retina U-Net network for 2D and 3D from the plan's topology (layout of nnDetection's ``RetinaUNetV001``).
 
 The network only maps images to per-level maps; anchors, matching, losses and postprocessing live in
 ``detector.py`` (MONAI's split between network and detector).
@@ -191,7 +191,7 @@ class SharedHead(nn.Module):
 
 
 class RetinaUNet(nn.Module):
-    """Retina U-Net (SPEC section 6): encoder, UFPN decoder, shared cls/reg heads, fg/bg seg head.
+    """Retina U-Net as nnDetection builds it: encoder, UFPN decoder, shared cls/reg heads, fg/bg seg head.
 
     Args:
         dim: 2 or 3 spatial dims.

@@ -1,4 +1,4 @@
-"""Cross-validation splits: created once, saved as JSON, reused (SPEC section 7).
+"""Cross-validation splits: created once, saved as JSON, reused (5 folds, as nnDetection).
 
 The splits file is a JSON list with one entry per fold::
 

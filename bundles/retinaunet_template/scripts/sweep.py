@@ -1,4 +1,4 @@
-"""Empirical postprocessing sweep (SPEC section 9): coordinate search over the box-merging parameters.
+"""Empirical postprocessing sweep: coordinate search over the box-merging parameters.
 
 nnDetection's ``BoxSweeper``: start from the defaults; for each parameter in a fixed order, evaluate every
 value of its range with the other parameters at their current best, keep the argmax, go to the next
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 SWEEP_METRIC = "mAP_IoU_0.10_0.50_0.05_MaxDet_100"
 
-# nnDetection's defaults of the per-member and ensemble stages (SPEC section 8)
+# nnDetection's defaults of the per-member and ensemble stages (``BoxEnsemblerSelective``)
 DEFAULT_PARAMS: dict[str, Any] = {
     "model_iou": 0.1,
     "model_nms": "weighted",
@@ -38,7 +38,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "remove_small_boxes": 0.01,
 }
 
-# the ranges and their order (SPEC section 9)
+# nnDetection's ranges, in its search order (``BoxEnsemblerSelective.sweep_parameters``)
 SWEEP_SPACE: dict[str, list[Any]] = {
     "model_iou": [1e-5, 0.1, 0.2, 0.3, 0.4, 0.5],
     "model_nms": ["weighted", "plain"],

@@ -1,4 +1,4 @@
-"""Training steps for ``monai.engines`` (SPEC section 7): optimizer, LR schedule, iterations, fold data.
+"""Training steps for ``monai.engines`` (nnDetection's schedule): optimizer, LR schedule, iterations, fold data.
 
 ``configs/train.json`` declares every object below and the handlers of ``scripts/handlers.py``; this module
 holds the optimizer groups, the warmup/poly/SWA learning-rate schedule, the train and validation
@@ -118,8 +118,8 @@ class LinearWarmupPoly(torch.optim.lr_scheduler.LRScheduler):
 
     Args:
         optimizer: its groups' initial lr is the base lr.
-        warmup_iters: warmup steps (SPEC: 4000).
-        poly_iters: steps until the SWA phase (SPEC: 50 epochs x 2500).
+        warmup_iters: warmup steps (nnDetection: 4000).
+        poly_iters: steps until the SWA phase (nnDetection: 50 epochs x 2500).
         iters_per_epoch: steps per epoch (length of one SWA cycle).
         gamma, warmup_start_lr, swa_start_factor, swa_end_factor: see :func:`scheduled_lr`.
     """
