@@ -296,3 +296,51 @@ def test_task_bundle_inference_config_runs_its_folds_with_their_sweep(setup, fol
     run_consolidated(bundle, input_dir=str(inp), output_dir=str(out1), num_tta=1, folds=[1])
     got = json.loads((out1 / "case_6_boxes.json").read_text())
     assert got["folds"] == [1] and got["params"]["model_iou"] != SWEPT["model_iou"]
+
+
+def test_without_validation_predictions_no_operating_point_and_explicit_rules_refuse(setup):
+    meta = json.loads((setup["cons"] / "configs" / "metadata.json").read_text())
+    assert "operating_point" not in meta["nndet"]
+    assert "No operating point was recorded" in (setup["cons"] / "docs" / "README.md").read_text()
+    before = (setup["cons"] / "configs" / "metadata.json").read_bytes()
+    with pytest.raises(FileNotFoundError, match="--fppi.*nndet_sweep"):
+        consolidate("000", overwrite=True, no_model=True, fppi=1.0)
+    assert (setup["cons"] / "configs" / "metadata.json").read_bytes() == before  # nothing replaced
+
+
+@pytest.fixture(scope="module")
+def validated(setup):
+    """A copy of the task bundle whose folds have nndet_eval validation predictions: every ground-truth box
+    at score 0.9, one false positive at 0.6 and one at 0.3 per case."""
+    from workflow.models import bundle_plan
+    from workflow.sweep import gt_preprocessed, val_cases
+
+    copy = setup["bundle"].parent / "RetinaUNetV001_validated"
+    shutil.copytree(setup["bundle"], copy, ignore=shutil.ignore_patterns("consolidated"))
+    p = bundle_plan(copy)
+    num_gt = num_cases = 0
+    for fold in FOLDS:
+        images, cases = val_cases(copy, p.task, p, fold)
+        for case in cases:
+            gt = gt_preprocessed(images, case, p.dim)
+            far = [[0, 0, 0, 1, 1, 1]]  # one-voxel boxes in a corner: no IoU with any object of the toy cases
+            boxes = [*gt["boxes"].tolist(), *far, [1, 1, 1, 2, 2, 2]]
+            scores = [0.9] * len(gt["labels"]) + [0.6, 0.3]
+            save_json({"boxes": boxes, "scores": scores, "labels": [*gt["labels"].tolist(), 0, 0]},
+                      copy / f"fold{fold}" / "val_predictions" / f"{case}_boxes.json")
+            num_gt, num_cases = num_gt + len(gt["labels"]), num_cases + 1
+    return {"bundle": copy, "num_gt": num_gt, "num_cases": num_cases}
+
+
+@pytest.mark.parametrize("rule, threshold, fppi", [({}, 0.6, 1.0), ({"fppi": 0.5}, 0.9, 0.0),
+                                                    ({"min_sensitivity": 1.0}, 0.9, 0.0),
+                                                    ({"threshold": 0.3}, 0.3, 2.0)])
+def test_consolidate_records_the_operating_point_chosen_on_validation(validated, rule, threshold, fppi):
+    cons = consolidate("000", model=validated["bundle"].name, overwrite=True, no_model=True, **rule)
+    op = json.loads((cons / "configs" / "metadata.json").read_text())["nndet"]["operating_point"]
+    assert op["threshold"] == pytest.approx(threshold)
+    assert op["fppi"] == pytest.approx(fppi)
+    assert op["sensitivity"] == pytest.approx(1.0)
+    assert op["num_gt"] == validated["num_gt"] and op["num_cases"] == validated["num_cases"]
+    assert op["folds"] == list(FOLDS) and "val_predictions" in op["predictions"]
+    assert f"score >= {threshold:.4f}" in (cons / "docs" / "README.md").read_text()
