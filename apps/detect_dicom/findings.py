@@ -128,9 +128,10 @@ def findings_from_prediction(pred: Mapping[str, Any], volume: DicomVolume,
     for rank, n in enumerate(np.argsort(-scores, kind="stable"), start=1):
         i0, j0, k0, i1, j1, k1 = boxes[n]
         # nearest voxel edge (WBC averages make fractional boxes): within half a voxel of the prediction
-        lo = np.clip(np.rint([k0, j0, i0]), 0, shape).astype(int)
+        # a box on (or past) the far edge keeps its last voxel: lo <= shape - 1, so it is never empty
+        lo = np.clip(np.rint([k0, j0, i0]), 0, shape - 1).astype(int)
         hi = np.clip(np.rint([k1, j1, i1]), 0, shape).astype(int)
-        hi = np.maximum(hi, np.minimum(lo + 1, shape))
+        hi = np.maximum(hi, lo + 1)
         vox = (*lo.tolist(), *hi.tolist())
         out.append(Finding(rank, int(labels[n]), str(names(int(labels[n]))), float(scores[n]), vox,
                            voxel_box_to_lps(vox, volume.affine)))

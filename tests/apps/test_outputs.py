@@ -180,3 +180,15 @@ def test_no_finding_sr_says_so_without_a_group(tmp_path, case):
     assert dciodvfy_errors(path) == []
     assert write_seg(vol, case["findings"], tmp_path / "seg.dcm", operating_point=0.99) is None
     assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_a_box_on_the_far_edge_stays_one_voxel_inside(case, tmp_path):
+    """A predicted box touching (or past) the last slice/row/column: found by the DICOM node, whose SEG writer
+    failed on the empty box the edge rounding made (KeyError on the slice past the end)."""
+    vol = case["vol"]
+    s, r, c = vol.array.shape
+    pred = {"boxes": [[c - 0.4, r - 0.3, s - 0.2, c + 2.0, r + 1.0, s + 3.0]], "scores": [0.9], "labels": [0]}
+    (f,) = findings_from_prediction(pred, vol, CLASSES)
+    assert f.box_voxel == (s - 1, r - 1, c - 1, s, r, c)
+    seg = write_seg(vol, [f], tmp_path / "edge_seg.dcm", operating_point=0.5)
+    assert seg is not None and pydicom.dcmread(seg).NumberOfFrames == 1

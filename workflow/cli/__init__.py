@@ -32,6 +32,21 @@ ARGPARSE_COMMANDS = {"run": run_main, "env": env_main, "example": example_main, 
                      "train": train_main, "sweep": sweep_main, "eval": eval_main, "predict": predict_main,
                      "consolidate": consolidate_main, "boxes2nii": boxes2nii_main}
 
+# commands of the apps (workflow imports no app): run as their console scripts, found through the installed
+# package's entry points
+APP_COMMANDS = {"dicom-node": "nndet_dicom_node", "predict-dicom": "nndet_predict_dicom"}
+
+
+def _run_app_command(name: str, argv: list[str]) -> None:
+    from importlib.metadata import entry_points
+
+    script = APP_COMMANDS[name]
+    found = list(entry_points(group="console_scripts", name=script))
+    if not found:
+        raise SystemExit(f"nndet {name}: the console script {script} is not installed (pip install -e \".[deploy]\")")
+    sys.argv = [f"nndet {name}", *argv]
+    found[0].load()()
+
 
 class _Umbrella:
     """nndet <command>: run, env, example, prep, unpack, train, ... (same flags as nndet_<command>) and demo."""
@@ -46,8 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in ARGPARSE_COMMANDS:
         ARGPARSE_COMMANDS[argv[0]](argv[1:])
         return
+    if argv and argv[0] in APP_COMMANDS:
+        _run_app_command(argv[0], argv[1:])
+        return
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: nndet <command> [args]\n\ncommands:\n  " + "\n  ".join([*ARGPARSE_COMMANDS, "demo"])
+        print("usage: nndet <command> [args]\n\ncommands:\n  " + "\n  ".join([*ARGPARSE_COMMANDS, *APP_COMMANDS, "demo"])
               + "\n\n`nndet <command> -h` shows the flags of each (same as nndet_<command>).")
         return
     import fire
