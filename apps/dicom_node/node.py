@@ -57,6 +57,30 @@ def backoff(tries: int, initial: float, maximum: float) -> float:
     return min(maximum, initial * 2 ** max(0, tries - 1))
 
 
+class ForwardTimer:
+    """Seconds spent inside the networks' forward passes (hooks on each fold's network), so the audit log can
+    say how much of a series' time is the network and how much is everything else."""
+
+    def __init__(self, predictor: Any) -> None:
+        self.seconds = 0.0
+        self._t0: dict[int, float] = {}
+        for det in getattr(predictor, "detectors", []):
+            net = getattr(det, "network", det)
+            if hasattr(net, "register_forward_pre_hook"):
+                net.register_forward_pre_hook(self._pre)
+                net.register_forward_hook(self._post)
+
+    def _pre(self, module, args) -> None:  # noqa: ARG002
+        self._t0[id(module)] = time.perf_counter()
+
+    def _post(self, module, args, output) -> None:  # noqa: ARG002
+        self.seconds += time.perf_counter() - self._t0.pop(id(module), time.perf_counter())
+
+    def take(self) -> float:
+        s, self.seconds = self.seconds, 0.0
+        return round(s, 3)
+
+
 class Node:
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
@@ -68,6 +92,7 @@ class Node:
         self.receiver = None
         self._threads: list[threading.Thread] = []
         self.started_at = time.time()
+        self.forward = ForwardTimer(None)
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -81,6 +106,7 @@ class Node:
         self.rules = load_rules(self.cfg.rules)
         self.model = pipeline.load_model(resolve_bundle(self.cfg.model), num_tta=self.cfg.num_tta,
                                          device=self.cfg.device, operating_point=self.cfg.operating_point)
+        self.forward = ForwardTimer(self.model.predictor)
         self.receiver = Receiver(self.cfg, self.spool.store_instance, self._released, self.spool.backlog, self.audit)
         self.receiver.start()
         for name, target in (("scheduler", self._schedule_loop), ("sender", self._send_loop)):
@@ -178,7 +204,9 @@ class Node:
         results_dir = self.spool.dir("results") / answer
         tmp = self.spool.dir("results") / f".{answer}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        self.forward.take()
         results = run_app(job / "dicom", tmp, model, self.rules, overwrite=True)
+        forward_s = self.forward.take()
         done = [r for r in results if r.status == "done"]
         if not done:
             report = read_json(tmp / "report.json") if (tmp / "report.json").exists() else {}
@@ -205,7 +233,8 @@ class Node:
         self.spool.finish(job)
         self.audit({"event": "series_answered", **base, "answer": answer, "boxes": r.num_boxes,
                     "findings": r.num_findings, "files": [f.name for f in files],
-                    "seconds": round(time.perf_counter() - t0, 3), "app_seconds": r.seconds})
+                    "seconds": round(time.perf_counter() - t0, 3), "app_seconds": r.seconds,
+                    "forward_seconds": forward_s})
 
     # ------------------------------------------------------------------ sending
     def send_once(self, now: float | None = None) -> int:
