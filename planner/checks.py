@@ -16,7 +16,10 @@ Quick checks (always; no image is loaded):
   gets a warning (the task would break nnDetection itself), while one inside the task folder is an
   error (it breaks nnDetection and makes case ids ambiguous).
 
-Full checks (``full=True``, one case per worker, progress bar) load every file of a case:
+Checks of loaded files (:func:`check_loaded`), run by the full check and, on every training case, by the
+fingerprint (``planner.fingerprint.load_checked_case``), so the default ``nndet_prep`` stops on them too
+before anything is written; ``--full_check`` runs them up front and on the test cases as well
+(``full=True``, one case per worker, progress bar):
 
 * same dimension, shape and affine (spacing, origin, direction; ``np.allclose`` with a tolerance for
   float32 header rounding) across modalities and label; dimension matches dataset.json ``dim``
@@ -49,7 +52,7 @@ from planner.dataset import (
     list_case_ids,
     load_dataset_info,
 )
-from planner.nifti import read_nifti
+from planner.nifti import label_to_int, read_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +80,12 @@ def assert_task_ok(task_root: Path, full: bool = False, num_processes: int = 0) 
             pass  # dataset.json is broken: already reported by the quick check
     if problems:
         raise DatasetError(problems)
-    logger.info("dataset checks passed for %s (%s)", task_root, "full" if full else "quick")
+    if full:
+        logger.info("dataset checks passed for %s (full)", task_root)
+    else:
+        logger.info("quick dataset checks passed for %s (files, names, dataset.json, instance jsons); image "
+                    "contents, grids and label values are checked as the fingerprint loads each training case "
+                    "(test cases only with --full_check, which checks everything before the fingerprint)", task_root)
 
 
 # ------------------------------------------------------------------------------------------ quick
@@ -301,15 +309,35 @@ def check_case(files: CaseFiles, dim: int, with_label: bool = True) -> list[Prob
     Missing files are skipped here: the quick check reports them.
     """
     problems: list[Problem] = []
-    loaded: list[tuple[Path, np.ndarray, np.ndarray]] = []
+    images, label = load_case_files(files, dim, with_label, problems)
+    return problems + check_loaded(files, images, label, dim)
+
+
+Loaded = tuple[Path, np.ndarray, np.ndarray]  # (file, array as stored, affine)
+
+
+def load_case_files(files: CaseFiles, dim: int, with_label: bool,
+                    problems: list[Problem]) -> tuple[list[Loaded], Loaded | None]:
+    """Every readable image file of a case (and its label map) as stored; unreadable ones are problems."""
+    images: list[Loaded] = []
     for p in files.images:
-        if not p.is_file():
-            continue
-        got = _load(p, dim, problems)
-        if got is None:
-            continue
-        arr, aff = got
-        loaded.append((p, arr, aff))
+        if p.is_file():
+            got = _load(p, dim, problems)
+            if got is not None:
+                images.append((p, *got))
+    label = None
+    if with_label and files.label is not None and files.label.is_file():
+        got = _load(files.label, dim, problems)
+        if got is not None:
+            label = (files.label, *got)
+    return images, label
+
+
+def check_loaded(files: CaseFiles, images: list[Loaded], label: Loaded | None, dim: int) -> list[Problem]:
+    """The checks of loaded files (see module docstring); the fingerprint runs them on every case it loads,
+    so the default ``nndet_prep`` catches them too."""
+    problems: list[Problem] = []
+    for p, arr, _ in images:
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             n_bad = int((~np.isfinite(arr)).sum())
             problems.append((str(p), f"{n_bad} NaN/inf voxel(s); fix the export (e.g. replace them by the "
@@ -317,12 +345,7 @@ def check_case(files: CaseFiles, dim: int, with_label: bool = True) -> list[Prob
         elif arr.size == 0 or arr.min() == arr.max():
             value = arr.flat[0] if arr.size else "none"
             problems.append((str(p), f"image is empty (every voxel is {value}); re-export the case or remove it"))
-    label = None
-    if with_label and files.label is not None and files.label.is_file():
-        got = _load(files.label, dim, problems)
-        if got is not None:
-            loaded.append((files.label, *got))
-            label = got[0]
+    loaded = [*images, *([label] if label is not None else [])]
     if loaded:
         ref_path, ref_arr, ref_aff = loaded[0]
         for p, arr, aff in loaded[1:]:
@@ -337,17 +360,17 @@ def check_case(files: CaseFiles, dim: int, with_label: bool = True) -> list[Prob
                 problems.append((str(p), f"origin/direction (affine) differs ({where}); the files are not on one "
                                  "grid: copy the reference header or resample (no registration is done)"))
     if label is not None and files.instances_json is not None and files.instances_json.is_file():
-        problems += _check_label_content(files.label, label, files.instances_json)
+        problems += _check_label_content(label[0], label[1], files.instances_json)
     return problems
 
 
 def _check_label_content(label_path: Path, label: np.ndarray, json_path: Path) -> list[Problem]:
     problems: list[Problem] = []
     if np.issubdtype(label.dtype, np.floating):
-        if not np.isfinite(label).all() or not np.array_equal(label, np.round(label)):
-            problems.append((str(label_path), "label map holds non-integer values; it must be an instance map "
-                             "of integers (0 background, 1..N); save it with an integer type"))
-            return problems
+        try:
+            label = label_to_int(label, label_path)
+        except DatasetError as e:
+            return problems + e.problems
     ids = np.unique(label)
     if ids.size and ids[0] < 0:
         problems.append((str(label_path), f"negative label value(s) {ids[ids < 0].tolist()}; use 0 for "

@@ -25,7 +25,7 @@ from planner import paths
 from planner.crop import bbox_of_mask, crop_to_bbox
 from planner.dataset import CaseFiles, DatasetError, list_cases, load_dataset_info
 from planner.io import load_json, save_json
-from planner.nifti import load_case
+from planner.nifti import CaseData, label_to_int, load_instances_json, spacing_from_affine
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +212,29 @@ def instance_boxes(seg: np.ndarray, fg: np.ndarray | None = None) -> tuple[list[
     return ([], []) if region is None else _boxes_in_region(seg, region)
 
 
+def load_checked_case(files: CaseFiles, dim: int) -> CaseData:
+    """Load a training case and run the checks of loaded files on it (NaN/inf, empty images, grids of the
+    modalities and the label, integer non-negative labels matching the json): the default ``nndet_prep``
+    sees every case here, so these problems stop it before anything is written, not only with
+    ``--full_check``.
+
+    Raises:
+        DatasetError: every problem of the case (file and fix).
+    """
+    from planner.checks import check_loaded, load_case_files
+
+    problems: list = []
+    images, label = load_case_files(files, dim, True, problems)
+    problems += check_loaded(files, images, label, dim)
+    if problems:
+        raise DatasetError(problems)
+    data = np.stack([np.asarray(a, dtype=np.float32) for _, a, _ in images], 0)
+    affine = images[0][2]
+    seg = label_to_int(label[1], label[0]) if label is not None else None
+    instances = load_instances_json(files.instances_json) if seg is not None and files.instances_json else {}
+    return CaseData(files.case_id, data, seg, affine, spacing_from_affine(affine, dim), instances)
+
+
 def fingerprint_case(files: CaseFiles, dim: int) -> tuple[CaseFingerprint, list[np.ndarray]]:
     """Load, crop and measure one training case.
 
@@ -222,7 +245,7 @@ def fingerprint_case(files: CaseFiles, dim: int) -> tuple[CaseFingerprint, list[
     Raises:
         DatasetError: the label map is missing or holds an instance the case json does not list.
     """
-    case = load_case(files, dim)
+    case = load_checked_case(files, dim)
     if case.seg is None:
         raise DatasetError([(str(files.label), "training case has no label map; add it (or move the case to imagesTs)")])
     shape = [int(s) for s in case.data.shape[1:]]

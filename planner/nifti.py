@@ -94,6 +94,29 @@ def load_instances_json(path: Path) -> dict[int, int]:
     return {int(k): int(v) for k, v in inst.items()}
 
 
+LABEL_TOLERANCE = 1e-3  # float label maps (float export, scl_slope) within this of an integer are rounded
+
+
+def label_to_int(arr: np.ndarray, path: str | Path) -> np.ndarray:
+    """An instance map as int32: float values within ``LABEL_TOLERANCE`` of an integer are rounded (a label
+    stored as 0.9999999 stays instance 1; ``astype`` would truncate it to background).
+
+    Raises:
+        DatasetError: values that are not (close to) integers, or NaN/inf, naming the file and the fix.
+    """
+    arr = np.asarray(arr)
+    if not np.issubdtype(arr.dtype, np.floating):
+        return arr.astype(np.int32, copy=False)
+    rounded = np.rint(arr)
+    bad = ~np.isfinite(arr) | (np.abs(arr - rounded) > LABEL_TOLERANCE)
+    if bad.any():
+        examples = sorted({float(v) for v in arr[bad].ravel()[:1000]})[:5]
+        raise DatasetError([(str(path), f"label map holds {int(bad.sum())} non-integer value(s) (e.g. {examples}); it "
+                             "must be an instance map of integers (0 background, 1..N): save it with an integer "
+                             "type, with nearest-neighbour interpolation if it was resampled")])
+    return rounded.astype(np.int32)
+
+
 def load_case(files: CaseFiles, dim: int, with_label: bool = True) -> CaseData:
     """Load all modalities (+ label map and instance json when present and asked for)."""
     arrays, affine = [], None
@@ -108,7 +131,7 @@ def load_case(files: CaseFiles, dim: int, with_label: bool = True) -> CaseData:
     seg, instances = None, {}
     if with_label and files.label is not None and files.label.exists():
         seg_arr, _ = load_nifti(files.label, dim)
-        seg = np.asarray(seg_arr).astype(np.int32)
+        seg = label_to_int(seg_arr, files.label)
         if seg.shape != data.shape[1:]:
             raise DatasetError([(str(files.label), f"label shape {seg.shape} differs from image shape {data.shape[1:]}")])
         if files.instances_json is not None:

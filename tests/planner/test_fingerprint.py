@@ -179,7 +179,7 @@ def test_fingerprint_2d(tmp_path):
 
 def test_instance_missing_from_json_names_the_file(tmp_path):
     shape = (8, 8, 8)
-    img = np.ones(shape)
+    img = np.arange(512, dtype=np.float64).reshape(shape) + 1  # not constant: that would be a problem of its own
     seg = np.zeros(shape, dtype=np.int16)
     seg[1:3, 1:3, 1:3] = 1
     seg[5:7, 5:7, 5:7] = 2
