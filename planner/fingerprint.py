@@ -352,6 +352,16 @@ def compute_fingerprint(task_root: Path, num_processes: int = 0) -> Fingerprint:
     for c in case_fps:
         for k in c.box_classes:
             num_instances[str(k)] = num_instances.get(str(k), 0) + 1
+    labels_dir = task_root / "raw_splitted" / "labelsTr"
+    if not any(c.box_classes for c in case_fps):
+        # a detector cannot be planned (anchors, object sizes) nor trained without a single object
+        raise DatasetError([(str(labels_dir), f"no object in any of the {len(case_fps)} training case(s): every "
+                             "label map is empty; check that the masks were exported (instance ids 1..N, not "
+                             "all 0) and that the cases in imagesTr are the annotated ones")])
+    if len(case_fps) < 2:
+        logger.warning("%s: only %d training case: cross-validation needs at least 2 (one to train on, one to "
+                       "validate; nnDetection's 5 folds need 5); add annotated cases to imagesTr/labelsTr before "
+                       "nndet_train", labels_dir, len(case_fps))
     logger.info(
         "fingerprint of %s: %d cases, instances per class %s", info.task, len(case_fps), num_instances
     )

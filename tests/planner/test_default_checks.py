@@ -80,3 +80,16 @@ def test_a_float_label_near_an_integer_keeps_its_instance(tmp_path):
     with pytest.raises(DatasetError, match="non-integer"):
         label_to_int(np.array([0.0, 1.4]), "x.nii.gz")
     assert label_to_int(np.array([0.0, 0.9999999, 2.0004]), "x").tolist() == [0, 1, 2]
+
+
+def test_a_task_without_any_object_fails_and_one_case_warns(tmp_path, caplog):
+    empty = [cube_case(f"case_{i}", seed=i, boxes=[]) for i in range(2)]
+    for c in empty:
+        c.instances = {}
+    task = write_task(tmp_path / "a", cases=empty)
+    (f, why), = _problems(task)
+    assert f.endswith("labelsTr") and "no object in any of the 2 training case(s)" in why
+    one = write_task(tmp_path / "b", cases=[cube_case("case_0")])
+    with caplog.at_level("WARNING"):
+        compute_fingerprint(one)
+    assert "only 1 training case" in caplog.text and "add annotated cases" in caplog.text
