@@ -22,14 +22,13 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
 import bundles
 from planner.dataset import DatasetInfo
-from planner.io import save_json
+from planner.io import make_temp_dir, save_json
 from planner.plan.plan import Plan
 
 logger = logging.getLogger(__name__)
@@ -211,7 +210,7 @@ def generate_bundle(
         raise BundleError([(str(template), "bundle template has no configs/ folder; reinstall nndet-monai")])
     context = placeholder_context(plan, dataset)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = make_temp_dir(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent)
     try:
         _render_template(template, tmp, context)
         save_json(plan.to_dict(), tmp / "configs" / "plan.json")

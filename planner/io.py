@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,33 @@ def _to_jsonable(obj: Any) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serialisable")
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it; ``os`` has no getter)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give a file (0o666) or folder (0o777) made by ``tempfile`` the mode the user's umask allows:
+    ``mkstemp`` / ``mkdtemp`` make them 0600 / 0700 whatever the umask, so a shared ``det_data`` would
+    become unreadable to colleagues."""
+    p = Path(path)
+    base = 0o777 if p.is_dir() else 0o666
+    os.chmod(p, base & ~current_umask())
+
+
+def make_temp_dir(prefix: str, suffix: str = "", dir: str | os.PathLike | None = None) -> Path:
+    """``tempfile.mkdtemp`` with the umask's mode (see :func:`apply_umask`)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=dir))
+    apply_umask(tmp)
+    return tmp
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -33,6 +61,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            apply_umask(tmp_path)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

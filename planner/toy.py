@@ -47,7 +47,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +54,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from planner.io import save_json
+from planner.io import make_temp_dir, save_json
 from planner.presets import DEFAULT_PRESET, PRESET_NAMES
 
 logger = logging.getLogger(__name__)
@@ -268,7 +267,7 @@ def generate_example(
             "(this deletes the folder, preprocessed data included)"
         )
     det_data.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{task_name}.tmp-", dir=det_data))
+    tmp = make_temp_dir(prefix=f".{task_name}.tmp-", dir=det_data)
     try:
         _write_task(tmp, task_name, spec, n_tr, n_ts, num_processes)
         _replace_dir(tmp, target, overwrite)

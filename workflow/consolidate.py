@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,7 +48,7 @@ from typing import Any
 
 from planner import paths
 from planner.bundle import TEMPLATE_DIR, verify_bundle
-from planner.io import load_json, save_json
+from planner.io import load_json, make_temp_dir, save_json
 from planner.plan.plan import Plan
 from workflow.bundle_code import bundle_module
 from workflow.evaluate import validation_operating_point
@@ -357,7 +356,7 @@ def consolidate(task: str | int, model: str | None = None, plan: str | None = No
     metrics, per_fold = fold_metrics(bundle, folds)
     op = validation_operating_point(bundle, folds, params, fppi=fppi, min_sensitivity=min_sensitivity,
                                     threshold=threshold)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CONSOLIDATED}.", suffix=".tmp", dir=bundle))
+    tmp = make_temp_dir(prefix=f".{CONSOLIDATED}.", suffix=".tmp", dir=bundle)
     try:
         (tmp / "configs").mkdir()
         for name in COPIED_CONFIGS:
