@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from planner import paths
 from planner.dataset import (
     IMAGE_SUFFIX,
     CaseFiles,
@@ -271,7 +271,7 @@ def _run_case_checks(jobs: list[tuple[CaseFiles, int, bool]], num_processes: int
     bar = dict(total=len(jobs), desc=desc, unit="case", disable=None)
     results: Iterable[list[Problem]]
     if num_processes > 0 and len(jobs) > 1:
-        with multiprocessing.get_context().Pool(min(num_processes, len(jobs))) as pool:
+        with paths.worker_pool(min(num_processes, len(jobs))) as pool:
             results = list(tqdm(pool.imap(_check_case_job, jobs), **bar))
     else:
         results = [_check_case_job(j) for j in tqdm(jobs, **bar)]

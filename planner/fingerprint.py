@@ -334,7 +334,7 @@ def compute_fingerprint(task_root: Path, num_processes: int = 0) -> Fingerprint:
     bar = {"total": len(jobs), "desc": "fingerprint", "unit": "case", "disable": None}
     results: list[tuple[str, Any, list[np.ndarray]]] = []
     if num_processes > 0:
-        with paths.mp_context().Pool(min(num_processes, len(jobs))) as pool:
+        with paths.worker_pool(min(num_processes, len(jobs))) as pool:
             results = list(tqdm(pool.imap(_case_worker, jobs, chunksize=1), **bar))
     else:
         results = [_case_worker(j) for j in tqdm(jobs, **bar)]

@@ -156,3 +156,34 @@ def mp_context():
             f"det_mp_start={method!r} is not available here; use one of {multiprocessing.get_all_start_methods()}"
         )
     return multiprocessing.get_context(method)
+
+
+def die_with_parent() -> None:
+    """Make this (worker) process get SIGKILL when its parent dies (Linux ``PR_SET_PDEATHSIG``), so a
+    ``kill -9`` of ``nndet_prep`` / training / prediction leaves no worker running and writing; a no-op
+    elsewhere. Exits at once when the parent is already gone (the race between fork and prctl)."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _pool_init(initializer, initargs) -> None:
+    die_with_parent()
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def worker_pool(processes: int, initializer=None, initargs: tuple = ()):
+    """A ``multiprocessing.Pool`` of :func:`mp_context` whose workers die with their parent."""
+    return mp_context().Pool(processes, initializer=_pool_init, initargs=(initializer, initargs))

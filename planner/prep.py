@@ -12,6 +12,7 @@ from pathlib import Path
 
 from planner import paths
 from planner.dataset import DatasetInfo, load_dataset_info
+from planner.io import save_json
 from planner.plan.plan import Plan
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,9 @@ class PrepResult:
     bundles: list[Path] = field(default_factory=list)
     preprocessed: list[Path] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
+
+
+PLOTS_DONE = "plots.json"  # written once every planner plot is; its absence makes a rerun plot again
 
 
 def fingerprint_path(task_root: Path) -> Path:
@@ -110,12 +114,16 @@ def run_prep(
         logger.info("plans exist, reusing %s (overwrite to re-plan)", [p.name for p in existing])
         plans = [Plan.from_json(p) for p in existing]
         plans.sort(key=lambda p: (p.mode != "3d" and p.mode != "2d", p.mode))
+        if not (pdir / "analysis" / PLOTS_DONE).is_file():  # an earlier run stopped before its plots were done
+            logger.info("planner plots missing or incomplete: writing them to %s", pdir / "analysis")
+            plot_pool = paths.worker_pool(1)
+            plot_job = plot_pool.apply_async(write_planner_plots, (fingerprint, plans, pdir / "analysis"))
     else:
         plans = plan_task(fingerprint, dataset, memory_budget_bytes=int(memory_budget_gb * 2**30), preset=preset)
         for plan in plans:
             plan.to_json(pdir / f"{plan.plan_id}.json")
         # plots render in a side process while bundles are generated and cases preprocessed
-        plot_pool = paths.mp_context().Pool(1)
+        plot_pool = paths.worker_pool(1)
         plot_job = plot_pool.apply_async(write_planner_plots, (fingerprint, plans, pdir / "analysis"))
     result.plans = plans
     result.plan_files = [pdir / f"{p.plan_id}.json" for p in plans]
@@ -135,6 +143,7 @@ def run_prep(
                 result.preprocessed.append(task_root / "preprocessed" / plan.plan_id)
         if plot_job is not None:
             result.plots = plot_job.get()
+            save_json({"plots": [str(p) for p in result.plots]}, pdir / "analysis" / PLOTS_DONE)
     finally:
         if plot_pool is not None:
             plot_pool.terminate() if not plot_job.ready() else plot_pool.close()

@@ -43,7 +43,6 @@ number so that ``nndet_prep 000`` stays unambiguous when both exist).
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import re
 import shutil
@@ -54,6 +53,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from planner import paths
 from planner.io import make_temp_dir, save_json
 from planner.presets import DEFAULT_PRESET, PRESET_NAMES
 
@@ -297,7 +297,7 @@ def _write_task(root: Path, task_name: str, spec: ToySpec, n_tr: int, n_ts: int,
     jobs += [(dirs["imagesTs"], dirs["labelsTs"], i, spec) for i in range(n_tr, n_tr + n_ts)]
     bar = dict(total=len(jobs), desc=f"nndet_example {task_name}", unit="case", disable=None)
     if num_processes > 0:
-        with multiprocessing.get_context().Pool(min(num_processes, len(jobs))) as pool:
+        with paths.worker_pool(min(num_processes, len(jobs))) as pool:
             for _ in tqdm(pool.imap_unordered(_write_case, jobs), **bar):
                 pass
     else:

@@ -183,8 +183,7 @@ def preprocess_task(
     bar = {"total": len(jobs), "desc": f"preprocess {plan.plan_id}", "unit": "case", "disable": None}
     init = (str(bundle_dir), dataset.dim, plan.plan_id)
     if num_processes > 0:
-        ctx = paths.mp_context()
-        with ctx.Pool(min(num_processes, len(jobs)), initializer=_init_worker, initargs=init) as pool:
+        with paths.worker_pool(min(num_processes, len(jobs)), initializer=_init_worker, initargs=init) as pool:
             results = list(tqdm(pool.imap_unordered(_worker, jobs, chunksize=1), **bar))
     else:
         _init_worker(*init)
