@@ -388,3 +388,38 @@ def _check_label_content(label_path: Path, label: np.ndarray, json_path: Path) -
         problems.append((str(json_path), f"instance id(s) {sorted(json_ids - mask_ids)} are listed but absent "
                          f"from the label map {label_path.name}; remove them from the json or fix the map"))
     return problems
+
+
+def check_input_folder(folder: Path, num_modalities: int, dim: int, num_processes: int = 0) -> None:
+    """`nndet_predict --input_dir DIR --check`: every case of a folder of raw cases checked before anything
+    runs: file names (``<case>_XXXX.nii.gz``), every modality file present, and the loading checks of
+    :func:`check_case` on the images (readable, dimension, one grid, no NaN/inf, not constant).
+
+    Raises:
+        DatasetError: every problem, each naming its file (messages speak of the folder, not of dataset.json).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError([(str(folder), "input folder does not exist")])
+    problems: list[Problem] = []
+    for p in sorted(folder.iterdir()):
+        stem = p.name[: -len(IMAGE_SUFFIX)] if p.name.endswith(IMAGE_SUFFIX) else ""
+        if p.is_file() and not (len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit()):
+            problems.append((str(p), f"not named <case>_XXXX{IMAGE_SUFFIX} (XXXX = 4-digit modality index): it "
+                             "would not be predicted; rename it or move it out of the input folder"))
+    ids = list_case_ids(folder)
+    if not ids:
+        problems.append((str(folder), f"holds no case named <case>_0000{IMAGE_SUFFIX}"))
+    jobs = []
+    for case_id in ids:
+        images = tuple(folder / f"{case_id}_{m:04d}{IMAGE_SUFFIX}" for m in range(num_modalities))
+        problems += [(str(p), f"missing: case {case_id} needs {num_modalities} modality file(s)")
+                     for p in images if not p.is_file()]
+        extra = sorted(folder.glob(f"{case_id}_*{IMAGE_SUFFIX}"))
+        problems += [(str(p), f"modality index beyond the model's {num_modalities} input(s)")
+                     for p in extra if p not in images]
+        jobs.append((CaseFiles(case_id=case_id, images=images, label=None, instances_json=None), dim, False))
+    problems += _run_case_checks(jobs, num_processes, "check input cases")
+    if problems:
+        raise DatasetError(problems)
+    logger.info("input checks passed for %s (%d case(s))", folder, len(jobs))

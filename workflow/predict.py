@@ -90,11 +90,13 @@ def predict_test(task: str | int, model: str | None = None, plan: str | None = N
 
 def predict_dir(task: str | int, input_dir: str | Path, output_dir: str | Path, model: str | None = None,
                 plan: str | None = None, folds: Sequence[int] | None = None, num_tta: int | None = None,
-                overwrite: bool = False, device: str | None = None) -> Path:
+                overwrite: bool = False, device: str | None = None, check: bool = False,
+                num_processes: int | None = None) -> Path:
     """`nndet_predict TASK --input_dir IN --output_dir OUT`: any folder of raw NIfTI cases (``<case>_0000.nii.gz``
     per modality) through the bundle's own preprocessing definition and the fold ensemble; writes
     ``<output_dir>/<case>_boxes.json`` with the fields of :func:`predict_test` (the consolidated bundle's
-    ``inference.json`` runs the same function)."""
+    ``inference.json`` runs the same function). ``check``: :func:`planner.checks.check_input_folder` first.
+    A case that fails is reported at the end (``CasesFailed``) after the others are written."""
     from planner.preprocess.run import load_preprocessing
 
     task_name = paths.resolve_task(task)
@@ -102,6 +104,11 @@ def predict_dir(task: str | int, input_dir: str | Path, output_dir: str | Path, 
     p = bundle_plan(bundle)
     predict = bundle_module(bundle, "predict")
     folds = folds_or_trained(bundle, folds)
+    if check:
+        from planner.checks import check_input_folder
+
+        check_input_folder(Path(input_dir), len(p.modalities), p.dim,
+                           num_processes=paths.num_threads() if num_processes is None else num_processes)
     cases = predict.find_cases(input_dir, len(p.modalities), p.modalities)
     params = ensemble_params(bundle, folds)
     dets = [load_detector(bundle, f, "last", device) for f in folds]

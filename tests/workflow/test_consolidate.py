@@ -344,3 +344,25 @@ def test_consolidate_records_the_operating_point_chosen_on_validation(validated,
     assert op["num_gt"] == validated["num_gt"] and op["num_cases"] == validated["num_cases"]
     assert op["folds"] == list(FOLDS) and "val_predictions" in op["predictions"]
     assert f"score >= {threshold:.4f}" in (cons / "docs" / "README.md").read_text()
+
+
+def test_one_bad_case_does_not_stop_the_others_and_check_reports_the_folder(setup, tmp_path, monkeypatch):
+    from planner.dataset import DatasetError
+    from workflow.predict import predict_dir
+
+    inp = tmp_path / "input"
+    shutil.copytree(setup["task_root"] / "raw_splitted" / "imagesTs", inp)
+    good = sorted(p.name[: -len("_0000.nii.gz")] for p in inp.glob("*_0000.nii.gz"))
+    (inp / "aaa_broken_0000.nii.gz").write_bytes(b"not a nifti at all")  # sorts first: used to stop everything
+    (inp / "notes.txt").write_text("stray")
+    with pytest.raises(DatasetError) as e:
+        predict_dir("000", inp, tmp_path / "checked", check=True, num_tta=1, num_processes=0)
+    named = {Path(f).name for f, _ in e.value.problems}
+    assert {"aaa_broken_0000.nii.gz", "notes.txt"} <= named
+    assert not (tmp_path / "checked").exists() or not any((tmp_path / "checked").iterdir())
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="1 case\\(s\\) not predicted") as e:
+        predict_dir("000", inp, out, num_tta=1)
+    assert [c for c, _ in e.value.failures] == ["aaa_broken"]
+    assert sorted(p.name for p in out.glob("*_boxes.json")) == [f"{c}_boxes.json" for c in good]
+    _drop_scripts()

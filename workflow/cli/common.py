@@ -46,6 +46,11 @@ def run_api(fn, *args, **kwargs):
     except (DatasetError, paths.EnvironmentError_, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
+    except RuntimeError as e:
+        if type(e).__name__ != "CasesFailed":  # a bundle's scripts.predict.CasesFailed: the rest was written
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from e
 
 
 def print_sweep(res, fold: int) -> None:

@@ -149,11 +149,12 @@ def predict_main(argv: list[str] | None = None) -> None:
     if a.input_dir:
         if not a.output_dir:
             raise SystemExit("--input_dir needs --output_dir")
-        if a.no_preprocess or a.check:
-            raise SystemExit("--no_preprocess and --check apply to raw_splitted/imagesTs, not to --input_dir "
-                             "(whose cases are always preprocessed in memory)")
+        if a.no_preprocess:
+            raise SystemExit("--no_preprocess applies to raw_splitted/imagesTs, not to --input_dir (whose cases "
+                             "are always preprocessed in memory)")
         out = run_api(predict_dir, a.task, a.input_dir, a.output_dir, model=a.model, plan=a.plan, folds=folds,
-                   num_tta=a.num_tta, overwrite=a.overwrite)
+                   num_tta=a.num_tta, overwrite=a.overwrite, check=a.check,
+                   num_processes=a.num_processes_preprocessing)
     else:
         out = run_api(predict_test, a.task, model=a.model, plan=a.plan, folds=folds, num_tta=a.num_tta,
                    overwrite=a.overwrite, preprocess=not a.no_preprocess, check=a.check,

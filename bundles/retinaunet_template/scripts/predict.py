@@ -106,6 +106,21 @@ def _modality_text(modalities: Mapping[str, str] | None, num_modalities: int) ->
     return ", ".join(f"_{m:04d} = {names.get(str(m), f'modality {m}')}" for m in range(num_modalities))
 
 
+def _follows_naming(name: str) -> bool:
+    stem = name[: -len(IMAGE_SUFFIX)] if name.endswith(IMAGE_SUFFIX) else None
+    return stem is not None and len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit()
+
+
+class CasesFailed(RuntimeError):
+    """Some cases of a folder could not be predicted; the others were. ``failures``: (case id, reason)."""
+
+    def __init__(self, failures: Sequence[tuple[str, str]], output_dir: Path, done: int) -> None:
+        self.failures = list(failures)
+        lines = "\n  - ".join(f"{c}: {why}" for c, why in self.failures)
+        super().__init__(f"{len(self.failures)} case(s) not predicted ({done} other(s) written to {output_dir}):"
+                         f"\n  - {lines}\nfix them and run again: finished cases are skipped")
+
+
 def find_cases(input_dir: str | Path | None, num_modalities: int,
                modalities: Mapping[str, str] | None = None) -> list[CaseFiles]:
     """The cases of ``input_dir``: ``<case>_0000.nii.gz`` .. ``<case>_<M-1>.nii.gz`` per case (M modalities).
@@ -135,6 +150,10 @@ def find_cases(input_dir: str | Path | None, num_modalities: int,
         hint = f"; found {others} which do not follow that naming" if others else ""
         raise FileNotFoundError(f"{folder}: no input case; expected one file per modality named "
                                 f"<case>_XXXX{IMAGE_SUFFIX} ({expected}){hint}")
+    strays = sorted(p.name for p in folder.iterdir() if p.is_file() and not _follows_naming(p.name))
+    if strays:
+        logger.warning("%s: %d file(s) not named <case>_XXXX%s are not predicted: %s%s", folder, len(strays),
+                       IMAGE_SUFFIX, strays[:10], " ..." if len(strays) > 10 else "")
     cases, missing = [], []
     for case_id in ids:
         images = tuple(folder / f"{case_id}_{m:04d}{IMAGE_SUFFIX}" for m in range(num_modalities))
@@ -275,9 +294,18 @@ def predict_folder(cases: Sequence[CaseFiles], output_dir: str | Path, predictor
     todo = [c for c in cases if overwrite or not (out / f"{c.case_id}{OUTPUT_SUFFIX}").is_file()]
     if len(todo) < len(cases):
         logger.info("%d case(s) already predicted in %s, skipped (overwrite to recompute)", len(cases) - len(todo), out)
+    failures: list[tuple[str, str]] = []
     for files in tqdm(todo, desc=f"predict ({len(predictor.detectors)} fold(s))", unit="case"):
-        case = load_case(files, predictor.dim, with_label=False)
-        record = predictor(case.data, case.affine, files.case_id, task=task, model=model, folds=folds)
+        try:  # one unreadable case must not decide the fate of the others
+            case = load_case(files, predictor.dim, with_label=False)
+            record = predictor(case.data, case.affine, files.case_id, task=task, model=model, folds=folds)
+        except Exception as e:  # noqa: BLE001 -- reported with the case at the end
+            why = "; ".join(f"{f}: {r}" for f, r in e.problems) if hasattr(e, "problems") else f"{type(e).__name__}: {e}"
+            logger.error("case %s not predicted: %s", files.case_id, why)
+            failures.append((files.case_id, why))
+            continue
         save_json(record, out / f"{files.case_id}{OUTPUT_SUFFIX}")
+    if failures:
+        raise CasesFailed(failures, out, len(cases) - len(failures))
     logger.info("predictions of %d case(s) in %s", len(cases), out)
     return out
