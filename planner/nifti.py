@@ -124,9 +124,10 @@ def load_case(files: CaseFiles, dim: int, with_label: bool = True) -> CaseData:
         arr, aff = load_nifti(p, dim)
         arrays.append(np.asarray(arr, dtype=np.float32))
         affine = aff if affine is None else affine
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise DatasetError([(str(files.images[0]), f"modalities have different shapes {sorted(shapes)}; resample them to one grid")])
+    odd = [(p, a.shape) for p, a in zip(files.images, arrays, strict=True) if a.shape != arrays[0].shape]
+    if odd:
+        raise DatasetError([(str(p), f"shape {shape} differs from {arrays[0].shape} of {files.images[0].name}; "
+                             "resample every modality to one grid") for p, shape in odd])
     data = arrays[0][None] if len(arrays) == 1 else np.stack(arrays, 0)
     seg, instances = None, {}
     if with_label and files.label is not None and files.label.exists():

@@ -112,6 +112,10 @@ def resolve_task(task: str | int, root: Path | None = None) -> str:
             f"'{task}' is not a task id: use a number (000), Task000 or a folder name like Task000D3_Example"
         )
     found = sorted(p.name for p in root.glob(f"Task{number}*") if p.is_dir()) if root.is_dir() else []
+    full_name = m is not None and task != f"Task{number}"  # "Task000D3_Wrong": a name, not just an id
+    if full_name and task not in found:
+        raise FileNotFoundError(f"No task folder {task} under det_data={root}; task id {number} is "
+                                f"{found or 'not there either'}. Pass the exact folder name or just the id {number}.")
     if len(found) == 1:
         return found[0]
     existing = sorted(p.name for p in root.glob("Task*") if p.is_dir()) if root.is_dir() else []

@@ -12,6 +12,12 @@ logger = logging.getLogger("planner")
 
 
 def setup_logging() -> None:
+    """Logging for a command; also the default SIGPIPE action, so ``nndet_prep ... | head`` ends quietly
+    instead of with a BrokenPipeError traceback (Python ignores SIGPIPE unless told)."""
+    import signal
+
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     level = logging.DEBUG if paths.verbose() else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
