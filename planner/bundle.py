@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -186,18 +187,21 @@ def _render_template(template: Path, out: Path, context: dict[str, Any]) -> None
 
 def generate_bundle(
     plan: Plan, dataset: DatasetInfo, out_dir: str | os.PathLike, overwrite: bool = False,
-    template_dir: str | os.PathLike | None = None,
+    template_dir: str | os.PathLike | None = None, overwrite_trained: bool = False,
 ) -> Path:
     """Write the MONAI bundle of ``plan`` to ``out_dir`` (e.g. ``det_models/<task>/RetinaUNetV001_D3V001_3d``).
 
     The template's configs/, scripts/ and docs/ are copied with placeholders filled, ``configs/plan.json``
     holds the plan, and the result is verified (``verify_bundle``) in a temporary folder next to
     ``out_dir`` before it is renamed into place, so a failure leaves no half-written bundle. With
-    ``overwrite`` an existing bundle's configs/, scripts/ and docs/ are replaced; anything else in it
-    (trained folds, models) is kept.
+    ``overwrite`` an existing bundle's configs/, scripts/ and docs/ are replaced; a bundle holding trained
+    folds (or a consolidated model) is refused unless ``overwrite_trained``, and then it is kept whole,
+    renamed to ``<name>.old-<date>``, and a fresh bundle is written (weights never meet a plan they were
+    not trained with).
 
     Raises:
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False, or it holds trained folds and
+            ``overwrite_trained`` is False.
         BundleError: a placeholder could not be filled, or the result does not verify.
     """
     out_dir = Path(out_dir)
@@ -205,6 +209,13 @@ def generate_bundle(
     if out_dir.exists() and not overwrite:
         raise FileExistsError(
             f"bundle folder {out_dir} exists; pass overwrite=True (nndet_prep ... -o overwrite=True) to regenerate it"
+        )
+    trained = trained_parts(out_dir) if out_dir.exists() else []
+    if trained and not overwrite_trained:
+        raise FileExistsError(
+            f"bundle folder {out_dir} holds trained models {trained}; regenerating it would pair them with a new "
+            "plan. Pass --overwrite_trained (nndet_prep) to keep that bundle as <name>.old-<date> and write a "
+            "fresh one, or use another model folder"
         )
     if not (template / "configs").is_dir():
         raise BundleError([(str(template), "bundle template has no configs/ folder; reinstall nndet-monai")])
@@ -221,12 +232,26 @@ def generate_bundle(
                   "template or the plan") for f, p in left]
             )
         verify_bundle(tmp)
-        _move_into_place(tmp, out_dir)
+        if trained:  # the old bundle stays whole beside the new one, renamed only once the new one verified
+            old = out_dir.with_name(f"{out_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            logger.warning("bundle %s held trained models %s: kept as %s", out_dir, trained, old)
+        else:
+            _move_into_place(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("bundle for %s written to %s", plan.plan_id, out_dir)
     return out_dir
+
+
+def trained_parts(bundle: Path) -> list[str]:
+    """The folds with weights (``fold<X>/model_*.pt``) and a consolidated model in a bundle folder."""
+    parts = sorted({p.parent.name for p in bundle.glob("fold*/model_*.pt")})
+    if any((bundle / "consolidated" / "models").glob("*.pt")):
+        parts.append("consolidated")
+    return parts
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

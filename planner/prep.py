@@ -6,6 +6,8 @@ unless ``overwrite`` is set (nnU-Net's habit): a rerun after a crash picks up wh
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 from planner import paths
 from planner.dataset import DatasetInfo, load_dataset_info
 from planner.io import save_json
-from planner.plan.plan import Plan
+from planner.plan.plan import PLANNER_VERSION, Plan
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,23 @@ class PrepResult:
 
 
 PLOTS_DONE = "plots.json"  # written once every planner plot is; its absence makes a rerun plot again
+
+
+def plan_inputs_hash(fingerprint_file: Path, preset: str, memory_budget_gb: float) -> str:
+    """What a plan depends on besides the rules: the fingerprint's bytes, the preset, the memory budget."""
+    h = hashlib.sha256(Path(fingerprint_file).read_bytes())
+    h.update(f"|{preset}|{float(memory_budget_gb):.6g}".encode())
+    return h.hexdigest()[:16]
+
+
+def stale_reason(plan: Plan, inputs_hash: str) -> str | None:
+    """Why a stored plan is not what the planner would make now (None when it is)."""
+    if plan.planner_version != PLANNER_VERSION:
+        made = f"version {plan.planner_version}" if plan.planner_version else "a version before versions were recorded"
+        return f"made by planner {made}, current rules are version {PLANNER_VERSION}"
+    if plan.inputs_hash and plan.inputs_hash != inputs_hash:
+        return "the fingerprint, preset or memory budget changed since it was made"
+    return None
 
 
 def fingerprint_path(task_root: Path) -> Path:
@@ -63,6 +82,7 @@ def run_prep(
     memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
     preprocess: bool = True,
     preset: str = "default",
+    overwrite_trained: bool = False,
 ) -> PrepResult:
     """Run the whole preparation of a task (see module docstring).
 
@@ -107,6 +127,7 @@ def run_prep(
     result = PrepResult(task=task_name, fingerprint=fp_path)
 
     pdir = plans_dir(task_root)
+    inputs = plan_inputs_hash(fp_path, preset, memory_budget_gb)
     plot_pool = plot_job = None
     ids = preset_planner_ids(preset)
     existing = [p for p in sorted(pdir.glob("*.json")) if p.stem.split("_")[0] in ids] if pdir.is_dir() else []
@@ -114,12 +135,18 @@ def run_prep(
         logger.info("plans exist, reusing %s (overwrite to re-plan)", [p.name for p in existing])
         plans = [Plan.from_json(p) for p in existing]
         plans.sort(key=lambda p: (p.mode != "3d" and p.mode != "2d", p.mode))
+        for plan in plans:
+            why = stale_reason(plan, inputs)
+            if why:
+                logger.warning("plan %s is stale: %s; re-plan with `nndet_prep %s --overwrite` (trained folds of its "
+                               "bundle then need --overwrite_trained)", plan.plan_id, why, task_name)
         if not (pdir / "analysis" / PLOTS_DONE).is_file():  # an earlier run stopped before its plots were done
             logger.info("planner plots missing or incomplete: writing them to %s", pdir / "analysis")
             plot_pool = paths.worker_pool(1)
             plot_job = plot_pool.apply_async(write_planner_plots, (fingerprint, plans, pdir / "analysis"))
     else:
         plans = plan_task(fingerprint, dataset, memory_budget_bytes=int(memory_budget_gb * 2**30), preset=preset)
+        plans = [dataclasses.replace(p, planner_version=PLANNER_VERSION, inputs_hash=inputs) for p in plans]
         for plan in plans:
             plan.to_json(pdir / f"{plan.plan_id}.json")
         # plots render in a side process while bundles are generated and cases preprocessed
@@ -134,7 +161,7 @@ def run_prep(
             if bundle_dir.exists() and not overwrite:
                 logger.info("bundle exists, reusing %s (overwrite to regenerate)", bundle_dir)
             else:
-                generate_bundle(plan, dataset, bundle_dir, overwrite=overwrite)
+                generate_bundle(plan, dataset, bundle_dir, overwrite=overwrite, overwrite_trained=overwrite_trained)
             result.bundles.append(bundle_dir)
             if preprocess:
                 preprocess_task(

@@ -17,6 +17,9 @@ from typing import Any
 from planner.io import load_json, save_json
 
 PLAN_SCHEMA_VERSION = 1
+# The planner's rules: bump whenever a rule changes the plans it makes for the same fingerprint, so a reused plan
+# made by older rules is reported as stale (planner.prep). 2: patch shrinking on ties as nnDetection (last axis).
+PLANNER_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,8 @@ class Plan:
     anisotropy_threshold: float = 3.0
     schema_version: int = PLAN_SCHEMA_VERSION
     notes: list[str] = field(default_factory=list)
+    planner_version: str = ""  # PLANNER_VERSION of the rules that made it ("" = before versions were recorded)
+    inputs_hash: str = ""  # of the fingerprint, preset and memory budget it was planned from (planner.prep)
 
     @property
     def plan_id(self) -> str:

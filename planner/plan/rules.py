@@ -199,6 +199,11 @@ def decrease_patch_size(
     already at the minimum size. Axes that would drop below ``min_feature_map_size`` are skipped in
     favour of the next-largest ratio (nnDetection has no such guard and can loop forever).
 
+    Ties: nnDetection ranks the axes with an ascending argsort of the ratios read backwards, so among
+    axes with equal ratios the one with the *highest* index shrinks first (e.g. an in-plane axis
+    before the slice axis when the patch starts at the median shape, ratios all 1). We rank the same
+    way, with a stable sort so the order of ties does not depend on numpy's sorting algorithm.
+
     Args:
         patch_size: [dim] current patch (transposed order).
         median_shape_transposed: [dim] median shape at the target spacing.
@@ -213,7 +218,8 @@ def decrease_patch_size(
     median = np.maximum(np.asarray(median_shape_transposed, dtype=np.float64), 1e-6)
     divisor = np.asarray(must_be_divisible_by, dtype=np.int64)
     bottleneck = patch / np.prod(np.asarray(strides, dtype=np.int64), axis=0)
-    order = np.argsort(-(patch / median), kind="stable")
+    # largest ratio first; equal ratios: highest axis index first (nnDetection's argsort(...)[::-1])
+    order = np.argsort(patch / median, kind="stable")[::-1]
     for a in order:
         step = int(divisor[a]) if bottleneck[a] > min_feature_map_size else max(1, int(divisor[a]) // 2)
         if patch[a] - step >= min_feature_map_size:

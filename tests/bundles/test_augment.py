@@ -144,3 +144,18 @@ def test_intensity_probabilities_and_shapes():
     out = g.intensity(img, rng)
     np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), img.mean(axis=(1, 2, 3)), atol=1e-4)
     np.testing.assert_allclose(out.std(axis=(1, 2, 3)), img.std(axis=(1, 2, 3)), rtol=1e-3)
+
+
+def test_noise_strength_is_the_drawn_value_as_std():
+    # batchgenerators' GaussianNoiseTransform (nnDetection) uses the value drawn from noise_variance as the
+    # standard deviation; a square root would give sqrt(0.04) = 0.2 here instead of 0.04
+    zeros = np.zeros((1, 32, 32, 32), np.float32)
+    fixed = DetectionAugmentation(dim=3, **{**NO_INTENSITY, "p_noise": 1, "noise_variance": (0.04, 0.04)})
+    assert fixed.intensity(zeros, np.random.default_rng(0)).std() == pytest.approx(0.04, rel=0.02)
+    default = DetectionAugmentation(dim=3, **{**NO_INTENSITY, "p_noise": 1})
+    for seed in range(3):
+        draws = np.random.default_rng(seed)
+        draws.random()  # the p_noise coin
+        value = draws.uniform(0.0, 0.1)  # the default range U(0, 0.1)
+        std = default.intensity(zeros, np.random.default_rng(seed)).std()
+        assert std == pytest.approx(value, rel=0.02) and abs(std - math.sqrt(value)) > 0.1

@@ -118,6 +118,40 @@ def test_decrease_patch_shrinks_axis_with_largest_ratio():
     assert new == [64, 64, 56]  # bottleneck 4 is at the minimum -> half step
 
 
+def test_decrease_patch_ties_shrink_the_last_axis_like_nndetection():
+    # nnDetection ranks axes by argsort(ratio)[::-1]: among equal ratios the highest index goes first
+    strides = [[1, 1, 1]] + [[2, 2, 2]] * 3  # divisor 8, bottleneck of 64 is 8 > 4 -> full step 8
+    assert rules.decrease_patch_size([64, 64, 64], [64, 64, 64], strides, [8, 8, 8], 4) == [64, 64, 56]
+    # axes 0 and 1 tie at ratio 1 (axis 2 has 0.5): axis 1 shrinks, not axis 0
+    assert rules.decrease_patch_size([64, 64, 32], [64, 64, 64], strides, [8, 8, 8], 4) == [64, 56, 32]
+
+
+def test_decrease_patch_ties_skip_axes_already_at_the_minimum():
+    # all ratios 1; axes 2 and 1 (first by the tie rule) would drop below 4 -> axis 0 shrinks instead
+    strides = [[1, 1, 1]] + [[2, 1, 1]] * 3  # divisor (8, 1, 1)
+    assert rules.decrease_patch_size([64, 4, 4], [64, 4, 4], strides, [8, 1, 1], 4) == [56, 4, 4]
+
+
+def test_ct_512x512x256_patch_matches_nndetections_tie_rule():
+    # a 512 x 512 x 256 CT at 0.8 x 0.8 x 1.5 mm: the initial patch is the median shape (256, 512, 512)
+    # in transposed order, so every shrink step starts from tied ratios. nnDetection's rule shrinks
+    # the in-plane axes first and ends at (96, 160, 160); shrinking the first tied axis gave (80, 160, 192).
+    from planner.plan.memory import DEFAULT_BUDGET_BYTES
+    from planner.plan.planner import DEFAULTS_3D, fit_patch
+
+    spacings, shapes = np.array([[0.8, 0.8, 1.5]] * 3), np.array([[512, 512, 256]] * 3)
+    spacing, _ = rules.target_spacing(spacings, shapes)
+    forward, _ = rules.transpose_axes(spacing)
+    spacing_t = spacing[forward]
+    median_t = rules.median_shape_at_spacing(spacings, shapes, spacing)[forward]
+    np.testing.assert_allclose(median_t, [256, 512, 512])
+    assert rules.initial_patch_size(spacing_t, median_t) == [256, 512, 512]
+    _, patch, _, steps, fits = fit_patch(spacing_t, median_t, DEFAULTS_3D, 3, 1, 1, [0.5, 0.5],
+                                         DEFAULT_BUDGET_BYTES)
+    assert fits and steps > 0
+    assert patch == [96, 160, 160]
+
+
 def test_decrease_patch_gives_up_when_nothing_can_shrink():
     assert rules.decrease_patch_size([4, 4], [4, 4], [[1, 1]], [1, 1], 4) is None
 

@@ -78,14 +78,14 @@ def example_main(argv: list[str] | None = None) -> None:
 # ---------------------------------------------------------------------------------------- prep
 def prep(task: str, full_check: bool = False, no_check: bool = False, num_processes: int = 0,
          num_processes_preprocessing: int = 0, overwrite: bool = False, memory_budget_gb: float | None = None,
-         no_preprocess: bool = False, preset: str = "default"):
+         no_preprocess: bool = False, preset: str = "default", overwrite_trained: bool = False):
     """Checks, fingerprint, plans, bundle generation and preprocessing of one task; prints the plans."""
     from planner.prep import DEFAULT_MEMORY_BUDGET_GB, run_prep
 
     result = run_api(run_prep, task, full_check=full_check, no_check=no_check, num_processes=num_processes,
                   num_processes_preprocessing=num_processes_preprocessing, overwrite=overwrite,
                   memory_budget_gb=memory_budget_gb or DEFAULT_MEMORY_BUDGET_GB, preprocess=not no_preprocess,
-                  preset=preset)
+                  preset=preset, overwrite_trained=overwrite_trained)
     print_prep(result)
     return result
 
@@ -110,6 +110,8 @@ def prep_main(argv: list[str] | None = None) -> None:
     p.add_argument("-np", "--num_processes", type=int, default=None, help="workers for checks/fingerprint")
     p.add_argument("-npp", "--num_processes_preprocessing", type=int, default=None, help="workers for resampling")
     p.add_argument("--overwrite", action="store_true", help="recompute stages whose outputs exist")
+    p.add_argument("--overwrite_trained", action="store_true", help="with --overwrite: a bundle that holds trained "
+                   "folds is kept as <name>.old-<date> and a fresh one written (refused otherwise)")
     p.add_argument("--memory_budget_gb", type=float, default=None, help="GPU memory budget (default 11 GB)")
     p.add_argument("--no_preprocess", action="store_true", help="stop after planning and bundle generation")
     p.add_argument("--preset", default=None, choices=list(PRESET_NAMES),
@@ -135,6 +137,7 @@ def prep_main(argv: list[str] | None = None) -> None:
         memory_budget_gb=float(ov["memory_budget_gb"]) if "memory_budget_gb" in ov else a.memory_budget_gb,
         no_preprocess=a.no_preprocess,
         preset=ov.get("preset", a.preset or "default"),
+        overwrite_trained=a.overwrite_trained,
     )
 
 

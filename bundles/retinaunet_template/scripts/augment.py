@@ -8,8 +8,8 @@ Randomness: every random choice is drawn from the ``numpy.random.Generator`` pas
 pure function of its seed (the data loader hands one seed per sample; results do not depend on the number
 of workers). MONAI's array transforms do the work where their maths matches batchgenerators (``Affine``
 for the resampling, ``AdjustContrast`` for gamma, ``Flip`` for mirroring); the parameter sampling is ours
-because MONAI's ``Rand*`` variants draw differently (e.g. ``RandGaussianNoise`` draws the std uniformly,
-batchgenerators the variance; ``RandAdjustContrast`` has no "half below / half above 1" rule).
+because MONAI's ``Rand*`` variants draw from their own random state and partly by other rules (e.g.
+``RandAdjustContrast`` has no "half below / half above 1" rule).
 
 Spatial conventions: a spatial matrix ``M`` (dim x dim) maps an offset from the output patch centre to an
 offset from the input centre, in voxels: ``M = R @ diag(s)`` (``s > 1`` shows a larger field of view, as
@@ -89,7 +89,9 @@ class DetectionAugmentation:
             98 samples/s with order 1 vs 38 with order 3; 128^3: 12 vs 5. Order 3 goes through MONAI's scipy
             path, whose spline prefilter runs over the whole input footprint, hence linear by default.
             The instance map is always resampled with nearest neighbour.
-        p_noise / noise_variance: additive Gaussian noise; variance uniform in the range.
+        p_noise / noise_variance: additive Gaussian noise whose standard deviation is drawn uniformly
+            from the range. The name is batchgenerators'; like its ``GaussianNoiseTransform`` (used by
+            nnDetection) the drawn value is the standard deviation, not a variance.
         p_blur / blur_sigma / p_blur_per_channel: Gaussian blur, sigma uniform per channel.
         p_brightness / brightness_range: multiplicative brightness per channel.
         p_contrast / contrast_range: contrast around the channel mean, range of the channel preserved.
@@ -236,7 +238,9 @@ class DetectionAugmentation:
         """Noise, blur, brightness, contrast, inverted gamma, gamma on ``image`` [C, *spatial] (float32)."""
         image = np.array(image, dtype=np.float32, copy=True)
         if rng.random() < self.p_noise:
-            std = math.sqrt(rng.uniform(*self.noise_variance))
+            # batchgenerators passes the value drawn from ``noise_variance`` to ``np.random.normal`` as its
+            # scale, i.e. as the standard deviation (0..0.1 by default), and so do we
+            std = float(rng.uniform(*self.noise_variance))
             image += rng.normal(0.0, std, size=image.shape).astype(np.float32)
         if rng.random() < self.p_blur:
             for c in range(image.shape[0]):
