@@ -89,3 +89,71 @@ def save_npy(array: np.ndarray, path: str | os.PathLike) -> Path:
     with atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, array, allow_pickle=False)
     return Path(path)
+
+
+class TaskLocked(FileExistsError):
+    """Another run holds the lock of this task and stage; the message names it and what to do."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold ``path`` as the lock of ``what`` (e.g. "nndet_prep of Task000") while the block runs, so a second
+    run of the same task and stage refuses instead of redoing and racing the first.
+
+    The lock file holds the holder's pid, host and start time. A lock left by a dead process of this host
+    (``kill -9``, power cut) is stale: it is taken over with a warning. A lock of another host cannot be
+    checked: it is refused, and the message says which file to delete once that run is gone.
+
+    Raises:
+        TaskLocked: a live run (or one on another host) holds the lock.
+    """
+    import logging
+    import socket
+    import time
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "what": what}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~current_umask())
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            pid, host = holder.get("pid"), holder.get("host")
+            if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
+                logging.getLogger(__name__).warning("%s: stale lock of pid %s (no longer running), taken over",
+                                                    path, pid)
+                path.unlink(missing_ok=True)
+                continue
+            if not holder:  # being written right now, or empty: look again
+                time.sleep(0.2)
+                continue
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+            raise TaskLocked(f"{what} is already running (pid {pid} on host {host}, since {since}); wait for it to "
+                             f"finish, or, if it is not running any more, delete {path}") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise TaskLocked(f"{what}: could not take the lock {path}; delete it if no other run is going on")
+    try:
+        yield path
+    finally:
+        try:
+            if json.loads(path.read_text()).get("pid") == me["pid"]:
+                path.unlink()
+        except (OSError, ValueError):
+            pass

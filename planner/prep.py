@@ -14,7 +14,7 @@ from pathlib import Path
 
 from planner import paths
 from planner.dataset import DatasetInfo, load_dataset_info
-from planner.io import save_json
+from planner.io import exclusive_lock, save_json
 from planner.plan.plan import PLANNER_VERSION, Plan
 
 logger = logging.getLogger(__name__)
@@ -98,12 +98,24 @@ def run_prep(
         preset: planner preset, ``default`` (nnDetection's network, plans ``D3V001_*``) or ``cpu`` (a narrow
             network on small patches that trains on a few CPU cores, plans ``D3V001CPU_*``).
     """
-    from planner.plan.planner import preset_defaults, preset_planner_ids
+    from planner.plan.planner import preset_defaults
 
     preset_defaults(preset, 3)  # unknown preset: fail before any work
     paths.det_models()  # fail early (with the export line) before any work
     task_name = paths.resolve_task(task)
     task_root = paths.det_data() / task_name
+    with exclusive_lock(task_root / ".nndet_prep.lock", f"nndet_prep of {task_name}"):
+        return _run_prep(task_name, task_root, full_check=full_check, no_check=no_check, num_processes=num_processes,
+                         num_processes_preprocessing=num_processes_preprocessing, overwrite=overwrite,
+                         memory_budget_gb=memory_budget_gb, preprocess=preprocess, preset=preset,
+                         overwrite_trained=overwrite_trained)
+
+
+def _run_prep(task_name: str, task_root: Path, *, full_check: bool, no_check: bool, num_processes: int,
+              num_processes_preprocessing: int, overwrite: bool, memory_budget_gb: float, preprocess: bool,
+              preset: str, overwrite_trained: bool) -> PrepResult:
+    from planner.plan.planner import preset_planner_ids
+
     if no_check:
         logger.warning("checks skipped (--no_check): broken cases will fail later with less helpful errors")
         dataset = load_dataset_info(task_root)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from planner import paths
+from planner.io import exclusive_lock
 from workflow.bundle_code import bundle_module
 from workflow.models import META_FILE, TRAIN_CONFIG, bundle_for, bundle_plan, fold_finished
 
@@ -114,6 +115,7 @@ def run_training(
               int(ov.get("num_folds", 5)))
     logger.info("training %s fold %d (overrides %s)", bundle, fold, ov)
     extra = {"tracking": tracking} if tracking else {}
-    run(run_id=RUN_ID, config_file=str(bundle / TRAIN_CONFIG), meta_file=str(bundle / META_FILE),
-        logging_file=False, bundle_root=str(bundle), **extra, **ov)
+    with exclusive_lock(bundle / f".fold{fold}.train.lock", f"nndet_train of {bundle.name} fold {fold}"):
+        run(run_id=RUN_ID, config_file=str(bundle / TRAIN_CONFIG), meta_file=str(bundle / META_FILE),
+            logging_file=False, bundle_root=str(bundle), **extra, **ov)
     return fold_dir
