@@ -9,8 +9,8 @@ Corner convention (half-open)
     Voxel ``i`` covers the interval ``[i, i + 1)``. A box covering voxels ``i..j`` (inclusive) along an
     axis is ``[i, j + 1)``: ``x1 = i``, ``x2 = j + 1``. Size is ``x2 - x1`` (no ``+ 1``), volume is the
     product of sizes. In world/continuous-index terms (voxel centres at integers) the box edges are
-    ``i - 0.5`` and ``j + 0.5``. nnDetection stores ``(x1, y1, x2, y2, z1, z2)``; convert with
-    ``planner``/``bundles`` converters at the boundary, never here.
+    ``i - 0.5`` and ``j + 0.5``. nnDetection stores ``(x1, y1, x2, y2, z1, z2)`` with the extent ``(min - 1, max + 1)``; convert with
+    ``workflow.evaluate``'s converters at the boundary (``nndet_eval --box_convention nndetection``), never here.
 
 Overlap arithmetic (identical on every backend)
     All IoU/GIoU values are computed in **float32** with one fixed operation order, on the CPU (numpy)

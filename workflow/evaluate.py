@@ -32,7 +32,7 @@ NUM_EXAMPLE_PLOTS = 3
 
 
 def evaluate_fold(task: str | int, fold: int = 0, model: str | None = None, plan: str | None = None,
-                  plots: bool = True, analyze_boxes: bool = False) -> dict[str, float]:
+                  plots: bool = True, analyze_boxes: bool = False, box_convention: str = "ours") -> dict[str, float]:
     """`nndet_eval TASK MODEL FOLD`: validation metrics with the swept parameters (defaults if not swept)."""
     task_name = paths.resolve_task(task)
     bundle = bundle_for(task_name, model, plan)
@@ -50,12 +50,52 @@ def evaluate_fold(task: str | int, fold: int = 0, model: str | None = None, plan
                   pred_dir / f"{case}_boxes.json")
     images = images_dir(task_name, p)
     return evaluate_and_plot(bundle, preds, gts, ids, class_names(p), out, plots,
-                             lambda c: np.load(images / f"{c}.npy", mmap_mode="r")[0], analyze_boxes)
+                             lambda c: np.load(images / f"{c}.npy", mmap_mode="r")[0], analyze_boxes, box_convention)
+
+
+BOX_CONVENTIONS = ("ours", "nndetection")
+
+
+def to_nndetection_extent(boxes: np.ndarray, dim: int) -> np.ndarray:
+    """Our half-open boxes ``[min, max + 1)`` (StandardMode) in nnDetection's extent ``(min - 1, max + 1)``:
+    the lower corners one voxel lower, the order unchanged. nnDetection derives boxes from instance maps that
+    way, so small-object IoU differs (a 3-voxel cube shifted one voxel per axis: 0.174 ours, 0.267 its)."""
+    b = np.array(boxes, dtype=np.float64, copy=True).reshape(-1, 2 * dim)
+    b[:, :dim] -= 1.0
+    return b
+
+
+def to_nndetection_order(boxes: np.ndarray, dim: int) -> np.ndarray:
+    """StandardMode ``(x1, y1, z1, x2, y2, z2)`` rows in nnDetection's ``(x1, y1, x2, y2, z1, z2)`` order (2D
+    boxes are the same in both)."""
+    b = np.asarray(boxes).reshape(-1, 2 * dim)
+    return b if dim == 2 else b[:, [0, 1, 3, 4, 2, 5]]
+
+
+def from_nndetection_order(boxes: np.ndarray, dim: int) -> np.ndarray:
+    """nnDetection's ``(x1, y1, x2, y2, z1, z2)`` rows in StandardMode ``(x1, y1, z1, x2, y2, z2)``."""
+    b = np.asarray(boxes).reshape(-1, 2 * dim)
+    return b if dim == 2 else b[:, [0, 1, 4, 2, 3, 5]]
+
+
+def in_convention(items: list[dict], dim: int, convention: str) -> list[dict]:
+    """Predictions or ground truths with their boxes in ``convention`` (``ours``: unchanged)."""
+    if convention not in BOX_CONVENTIONS:
+        raise ValueError(f"--box_convention must be one of {BOX_CONVENTIONS}, got {convention!r}")
+    if convention == "ours":
+        return items
+    return [{**d, "boxes": to_nndetection_extent(d["boxes"], dim)} for d in items]
 
 
 def evaluate_and_plot(bundle: Path, preds, gts, ids, classes, out: Path, plots: bool, image_of,
-                      analyze_boxes: bool = False) -> dict[str, float]:
-    """Metrics (``results_boxes.json``), optional box analysis, curves and example slices under ``out``."""
+                      analyze_boxes: bool = False, box_convention: str = "ours") -> dict[str, float]:
+    """Metrics (``results_boxes.json``), optional box analysis, curves and example slices under ``out``.
+    ``box_convention="nndetection"``: predictions and ground truth both in nnDetection's box extent (see
+    :func:`to_nndetection_extent`), written to ``<out>_nndetection`` instead."""
+    if box_convention != "ours":
+        dim = bundle_plan(bundle).dim
+        preds, gts = in_convention(preds, dim, box_convention), in_convention(gts, dim, box_convention)
+        out = out.with_name(f"{out.name}_{box_convention}")
     evaluation = bundle_module(bundle, "evaluation")
     metrics, curves = evaluation.evaluate_boxes_detailed(preds, gts, classes)
     evaluation.save_results(metrics, out)
@@ -186,7 +226,7 @@ def gt_raw(task_root: Path, case: str, dim: int) -> dict[str, np.ndarray]:
 
 
 def evaluate_test(task: str | int, model: str | None = None, plan: str | None = None,
-                  plots: bool = True, analyze_boxes: bool = False) -> dict[str, float]:
+                  plots: bool = True, analyze_boxes: bool = False, box_convention: str = "ours") -> dict[str, float]:
     """`nndet_eval TASK MODEL --test`: test predictions vs ``raw_splitted/labelsTs`` (original voxels)."""
     task_name = paths.resolve_task(task)
     bundle = bundle_for(task_name, model, plan)
@@ -212,4 +252,4 @@ def evaluate_test(task: str | int, model: str | None = None, plan: str | None = 
         return load_nifti(task_root / "raw_splitted" / "imagesTs" / f"{case}_0000.nii.gz", p.dim)[0]
 
     return evaluate_and_plot(bundle, preds, gts, ids, class_names(p), bundle / "test_results", plots, image_of,
-                             analyze_boxes)
+                             analyze_boxes, box_convention)

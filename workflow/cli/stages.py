@@ -101,6 +101,10 @@ def eval_main(argv: list[str] | None = None) -> None:
     p.add_argument("--analyze_boxes", action="store_true", help="also write analysis/objects.csv (what each object "
                    "got), analysis/false_positives.csv and analysis/summary.json, and print the misses")
     p.add_argument("--no_plots", action="store_true")
+    p.add_argument("--box_convention", default="ours", choices=["ours", "nndetection"],
+                   help="nndetection: predictions and ground truth in nnDetection's box extent (min - 1, max + 1), "
+                        "the one to use when comparing with published nnDetection numbers; written to "
+                        "val_results_nndetection/ (test_results_nndetection/)")
     a = p.parse_intermixed_args(argv)
     setup_logging()
     from workflow.evaluate import evaluate_fold, evaluate_test, operating_points_text
@@ -109,12 +113,14 @@ def eval_main(argv: list[str] | None = None) -> None:
     model, fold = _model_and_fold(a.model, a.fold)
     if a.test:
         metrics = run_api(evaluate_test, a.task, model=model, plan=a.plan, plots=not a.no_plots,
-                       analyze_boxes=a.analyze_boxes)
+                       analyze_boxes=a.analyze_boxes, box_convention=a.box_convention)
         out = bundle_for(a.task, model, a.plan) / "test_results"
     else:
         metrics = run_api(evaluate_fold, a.task, fold, model=model, plan=a.plan, plots=not a.no_plots,
-                       analyze_boxes=a.analyze_boxes)
+                       analyze_boxes=a.analyze_boxes, box_convention=a.box_convention)
         out = bundle_for(a.task, model, a.plan) / f"fold{fold}" / "val_results"
+    if a.box_convention != "ours":
+        out = out.with_name(f"{out.name}_{a.box_convention}")
     print_metrics(metrics, out)
     text = operating_points_text(bundle_for(a.task, model, a.plan), out)
     if text:
