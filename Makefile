@@ -9,7 +9,7 @@ export det_data ?= $(CURDIR)/det_data
 export det_models ?= $(CURDIR)/det_models
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test lint bench-prep
+.PHONY: setup demo test lint bench-prep gpu-check gpu-check-dry
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -58,3 +58,11 @@ BENCH_PREP_ARGS ?= --np 2 --toy_cases 30 --toy_size 128 --ct_cases 12 --ct_size 
 bench-prep: setup $(BENCH_VENV)/.installed
 	$(BIN)/python -m pip install -q psutil
 	$(BIN)/python benchmarks/prep.py --nnunet_bin $(BENCH_VENV)/bin --ours_bin $(BIN) $(BENCH_PREP_ARGS)
+
+# The one device check of a lent GPU machine (benchmarks/gpu_check.sh: parity tests, box ops, training step,
+# inference; report in gpu_check_out/gpu_report.md). gpu-check-dry rehearses every step on the CPU at tiny sizes.
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+gpu-check-dry: setup
+	bash benchmarks/gpu_check.sh --dry-run
