@@ -166,20 +166,31 @@ def die_with_parent() -> None:
     """Make this (worker) process get SIGKILL when its parent dies (Linux ``PR_SET_PDEATHSIG``), so a
     ``kill -9`` of ``nndet_prep`` / training / prediction leaves no worker running and writing; a no-op
     elsewhere. Exits at once when the parent is already gone (the race between fork and prctl)."""
-    import ctypes
     import signal
+
+    if _PRCTL is None:
+        return
+    parent = os.getppid()
+    _PRCTL(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _resolve_prctl():
+    """libc's ``prctl``, looked up in the parent at import: a forked child of a multi-threaded process must
+    not ``dlopen`` (the loader's lock may be held by a thread that does not exist in the child: deadlock)."""
+    import ctypes
     import sys
 
     if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
+        return None
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:
-        os._exit(1)
+        return None
+
+
+_PRCTL = _resolve_prctl()
 
 
 def _pool_init(initializer, initargs) -> None:

@@ -32,7 +32,7 @@ from scipy.ndimage import find_objects
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from planner.io import load_json
-from planner.paths import die_with_parent, num_threads
+from planner.paths import num_threads
 
 from .augment import DetectionAugmentation
 
@@ -316,7 +316,8 @@ def collate_detection(samples: list[dict]) -> dict:
 
 
 def _worker_init(worker_id: int) -> None:
-    die_with_parent()  # a killed training leaves no loader worker behind
+    # no die_with_parent() here: torch's loader workers already exit when their parent dies (their watchdog
+    # polls the parent pid), and a ctypes call in a worker forked from a threaded trainer is not worth the risk
     torch.set_num_threads(1)  # workers are processes: no intra-op threads fighting over the cores
     np.random.seed(torch.initial_seed() % 2**32)  # only for third-party code; our draws use request seeds
 
