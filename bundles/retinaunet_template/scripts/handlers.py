@@ -20,7 +20,7 @@ import numpy as np
 from ignite.engine import Events
 from torch import nn
 
-from planner.io import atomic_path, load_json, save_json
+from planner.io import apply_umask, atomic_path, load_json, save_json
 
 from .trainer import patch_detection_metrics
 
@@ -310,6 +310,7 @@ class FoldCheckpoint:
             self.best_metric, self.best_epoch = float(metric), int(engine.state.epoch)
             self.saver({"network": self.save_dict["network"].state_dict(), "epoch": self.best_epoch,
                         "key_metric": self.key_metric, "metric": self.best_metric}, BEST_FILE)
+            apply_umask(self.best_file)  # ignite makes it 0600 | group/other read, whatever the umask
             logger.info("new best %s=%.4f at epoch %d: %s", self.key_metric, self.best_metric, self.best_epoch,
                         self.best_file)
         self.save_last(finished=False)
@@ -324,6 +325,7 @@ class FoldCheckpoint:
         state.update(progress=progress, epoch=progress["epoch"], iteration=progress["iteration"],
                      finished=progress["finished"])
         self.saver(state, LAST_FILE)
+        apply_umask(self.last_file)
 
 
 # ---------------------------------------------------------------------------------------- evaluator
