@@ -194,6 +194,11 @@ _PRCTL = _resolve_prctl()
 
 
 def _pool_init(initializer, initargs) -> None:
+    import signal
+
+    # a handler the parent installed (holoscan's, when the Deploy app ran in this process) would make the
+    # worker survive Pool.terminate()'s SIGTERM and the pool's exit hang: workers take the default action
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     die_with_parent()
     if initializer is not None:
         initializer(*initargs)

@@ -75,3 +75,19 @@ def test_a_rerun_writes_planner_plots_a_killed_run_did_not_finish(tmp_path, monk
     again = run_prep("000", preset="cpu", preprocess=False)
     assert again.plots and all(Path(p).is_file() for p in again.plots)
     assert (analysis / PLOTS_DONE).is_file()
+
+
+def test_a_pool_ends_even_when_the_parent_caught_sigterm(tmp_path):
+    """Found in the full suite: after the Deploy app ran in-process (holoscan catches SIGTERM), every later
+    pool hung at exit because its forked workers inherited the handler and survived Pool.terminate()."""
+    script = tmp_path / "pool.py"
+    script.write_text(f"""
+import signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+signal.signal(signal.SIGTERM, lambda *a: None)  # as holoscan does
+from planner import paths
+with paths.worker_pool(2) as pool:
+    print(sum(pool.map(abs, [-1, -2, -3])))
+""")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "6", p.stderr
