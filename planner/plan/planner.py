@@ -165,7 +165,7 @@ def _plan_one(fp: Fingerprint, dataset: DatasetInfo, spacing: np.ndarray, mode: 
 
     modality_names = [dataset.modalities[str(i)] for i in range(len(dataset.modalities))]
     schemes = [rules.normalization_scheme(m) for m in modality_names]
-    masks = [rules.use_mask_for_norm(s, fp.size_reductions) for s in schemes]
+    masks = [rules.use_mask_for_norm(s, fp.size_reductions, m) for s, m in zip(schemes, modality_names, strict=True)]
     num_classes = len(dataset.labels)
     weights = rules.class_weights(fp.num_instances, num_classes)
 

@@ -127,26 +127,36 @@ def median_shape_at_spacing(spacings: np.ndarray, shapes: np.ndarray, spacing: S
 
 # ------------------------------------------------------------------------------------ normalisation
 def normalization_scheme(modality: str) -> str:
-    """"CT" for a modality named CT, "CT2" for CT2, "nonCT" otherwise (case and spaces ignored)."""
-    name = modality.strip().upper()
-    if name == "CT":
-        return NORM_CT
-    if name == "CT2":
-        return NORM_CT2
+    """"CT" for a modality named exactly CT, "CT2" for CT2, "nonCT" otherwise.
+
+    nnDetection keeps the modality name as the scheme and its preprocessor tests ``scheme == "CT"``
+    and ``== "CT2"``: the match is exact, so "ct", " CT" or "noncontrast CT" get the per-case
+    z-score of "nonCT". Case and space variants of CT/CT2 are logged: a CT normalised per case is rarely
+    what was meant.
+    """
+    if modality in (NORM_CT, NORM_CT2):
+        return modality
+    if modality.strip().upper() in (NORM_CT, NORM_CT2):
+        logger.warning("modality %r is normalised as %r: only the exact names %r and %r get CT normalisation "
+                       "(as in nnDetection)", modality, NORM_NONCT, NORM_CT, NORM_CT2)
     return NORM_NONCT
 
 
-def use_mask_for_norm(scheme: str, size_reductions: Sequence[float]) -> bool:
+def use_mask_for_norm(scheme: str, size_reductions: Sequence[float], modality: str | None = None) -> bool:
     """Normalise inside the nonzero mask only for nonCT data whose crop removed much background.
 
     Args:
         scheme: normalisation scheme of the modality.
         size_reductions: per case prod(shape after crop) / prod(shape before crop).
+        modality: the modality's name in dataset.json: as nnDetection's
+            ``determine_whether_to_use_mask_for_norm`` (``"CT" in name``, case-sensitive substring), a name
+            holding "CT" ("noncontrast CT", "PET-CT") never uses the mask, whatever its scheme.
 
     Returns:
-        False for CT/CT2; for nonCT True iff the median size reduction is < 3/4 (brain-like data).
+        False for CT/CT2 (and names containing "CT"); else True iff the median size reduction is < 3/4
+        (brain-like data).
     """
-    if scheme in (NORM_CT, NORM_CT2):
+    if scheme in (NORM_CT, NORM_CT2) or (modality is not None and "CT" in modality):
         return False
     if len(size_reductions) == 0:
         return False

@@ -80,10 +80,26 @@ def test_median_shape_at_target_spacing():
 
 
 # ------------------------------------------------------------------------------------- normalisation
-@pytest.mark.parametrize(("name", "scheme"), [("CT", "CT"), ("ct ", "CT"), ("CT2", "CT2"), ("MRI", "nonCT"),
-                                              ("T1", "nonCT"), ("nonCT", "nonCT")])
+# nnDetection matches the exact names "CT" and "CT2" (SPEC: name == "CT" -> CT, "CT2" -> CT2, else nonCT)
+@pytest.mark.parametrize(("name", "scheme"), [("CT", "CT"), ("ct", "nonCT"), ("ct ", "nonCT"), (" CT", "nonCT"),
+                                              ("CT2", "CT2"), ("ct2", "nonCT"), ("noncontrast CT", "nonCT"),
+                                              ("MRI", "nonCT"), ("T1", "nonCT"), ("nonCT", "nonCT")])
 def test_normalization_scheme(name, scheme):
     assert rules.normalization_scheme(name) == scheme
+
+
+def test_case_variants_of_ct_are_normalised_per_case_and_logged(caplog):
+    with caplog.at_level("WARNING", logger="planner.plan.rules"):
+        assert rules.normalization_scheme("ct") == "nonCT"
+    assert "'ct' is normalised as 'nonCT'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="planner.plan.rules"):
+        rules.normalization_scheme("MRI")
+        rules.normalization_scheme("CT")
+    assert caplog.text == ""
+    # "ct" is not CT, so the nonCT mask rule applies to it: the crop removed half -> normalise in the mask
+    assert rules.use_mask_for_norm(rules.normalization_scheme("ct"), [0.5, 0.5]) is True
+    assert rules.use_mask_for_norm(rules.normalization_scheme("CT"), [0.5, 0.5]) is False
 
 
 def test_use_mask_for_norm():
@@ -179,3 +195,11 @@ def test_class_weights():
 def test_dummy_2d_aug():
     assert rules.do_dummy_2d_aug([40, 192, 192]) is True
     assert rules.do_dummy_2d_aug([64, 128, 128]) is False
+
+
+def test_a_name_holding_ct_never_uses_the_mask_as_nndetection():
+    small = [0.5, 0.6, 0.4]  # crop removed much background: nonCT data would use the mask
+    assert rules.use_mask_for_norm("nonCT", small, "MRI") is True
+    assert rules.use_mask_for_norm("nonCT", small, "noncontrast CT") is False
+    assert rules.use_mask_for_norm("nonCT", small, "PET-CT") is False
+    assert rules.use_mask_for_norm("nonCT", small, "ct") is True  # case-sensitive, as nnDetection
