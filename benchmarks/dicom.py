@@ -180,25 +180,13 @@ def main(argv=None) -> int:
 
 def run_whole_app(work: Path, series_dir: Path, dicom_s: float) -> None:
     """The app on the series with a toy cpu-preset consolidated bundle (1 fold, random weights, no TTA)."""
-    os.environ["det_data"], os.environ["det_models"] = str(work / "data"), str(work / "models")
-    (work / "data").mkdir()
     from apps.detect_dicom import pipeline
     from apps.detect_dicom.app import run_app
     from apps.detect_dicom.selection import load_rules
-    from planner.prep import run_prep
-    from planner.toy import generate_example
-    from tests.workflow.test_consolidate import fake_train
-    from workflow.bundle_code import load_scripts
-    from workflow.consolidate import consolidate
-    from workflow.models import bundle_for
+    from tests.apps.node_tools import build_bundle
 
     t = time.perf_counter()
-    generate_example(work / "data", preset="cpu", num_train=6, num_test=1, size=32)
-    run_prep("000", preset="cpu")
-    bundle = bundle_for("000")
-    load_scripts(bundle)
-    fake_train(bundle, folds=(0,))
-    cons = consolidate("000", folds=[0])
+    cons = build_bundle(work / "bundle")
     print(f"\ntoy cpu-preset bundle consolidated in {time.perf_counter() - t:.0f} s (not timed)", flush=True)
     model = pipeline.load_model(cons, num_tta=1, device="cpu", operating_point=0.5)
     t = time.perf_counter()

@@ -71,19 +71,16 @@ def _t(record: dict) -> float:
 
 def run(studies: int, work: Path) -> None:
     from tests.apps import node_tools as nt
-    from tests.apps.orthanc_scenario import orthanc_config, rest
+    from tests.apps.orthanc_scenario import rest, start_orthanc, stop_orthanc
 
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=30)
     t = time.perf_counter()
     bundle = nt.build_bundle(work / "bundle")
     print(f"toy cpu-preset bundle built in {time.perf_counter() - t:.0f} s (not timed)", flush=True)
     http_port, dicom_port, node_port = nt.free_port(), nt.free_port(), nt.free_port()
-    log = open(work / "orthanc.log", "wb")
-    orthanc = subprocess.Popen(["Orthanc", str(orthanc_config(work, http_port, dicom_port, node_port, None))],
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    orthanc, log = start_orthanc(work, http_port, dicom_port, node_port, None)
     node = None
     try:
-        nt.wait_port(http_port, 60)
         cfg = nt.node_config(work / "node.yaml", port=node_port, model=bundle, spool=work / "spool",
                              peers=[{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": dicom_port}],
                              series={"idle_seconds": 5.0, "complete_on_release": True},
@@ -125,9 +122,7 @@ def run(studies: int, work: Path) -> None:
     finally:
         if node is not None:
             node.stop()
-        orthanc.terminate()
-        orthanc.wait(timeout=30)
-        log.close()
+        stop_orthanc(orthanc, log)
     audit = nt.audit(work / "spool")
     released = {}
     for r in audit:

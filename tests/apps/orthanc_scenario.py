@@ -55,6 +55,26 @@ def orthanc_config(work: Path, http_port: int, dicom_port: int, node_port: int, 
     return path
 
 
+def start_orthanc(work: Path, http_port: int, dicom_port: int, node_port: int, certs: dict | None):
+    """Orthanc with its own config and storage under ``work``, as a process of its own session; returns
+    (process, its log file) once its HTTP and DICOM ports answer."""
+    log = open(work / "orthanc.log", "wb")
+    proc = subprocess.Popen(["Orthanc", str(orthanc_config(work, http_port, dicom_port, node_port, certs))],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    nt.wait_port(http_port, 60)
+    nt.wait_port(dicom_port, 60)
+    return proc, log
+
+
+def stop_orthanc(proc, log) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
 def c_find(port: int, study_uid: str, tls_args=None) -> list[dict]:
     """Series of ``study_uid`` in Orthanc by C-FIND (Study Root, SERIES level)."""
     from pydicom.dataset import Dataset
@@ -97,13 +117,9 @@ def main() -> int:
     out: dict = {"tls": a.tls}
     certs = nt.make_certificates(work / "certs") if a.tls else None
     http_port, dicom_port, node_port = nt.free_port(), nt.free_port(), nt.free_port()
-    orthanc_log = open(work / "orthanc.log", "wb")
-    orthanc = subprocess.Popen(["Orthanc", str(orthanc_config(work, http_port, dicom_port, node_port, certs))],
-                               stdout=orthanc_log, stderr=subprocess.STDOUT, start_new_session=True)
+    orthanc, orthanc_log = start_orthanc(work, http_port, dicom_port, node_port, certs)
     node = None
     try:
-        nt.wait_port(http_port, 60)
-        nt.wait_port(dicom_port, 60)
         out["orthanc"] = rest(http_port, "/system").get("Version")
         tls_cfg = ({"enabled": True, "certificate": str(certs["node"]["crt"]), "private_key": str(certs["node"]["key"]),
                     "ca_certificates": str(certs["ca"]["crt"]), "require_client_certificate": True}
@@ -162,12 +178,7 @@ def main() -> int:
     finally:
         if node is not None:
             node.stop()
-        orthanc.terminate()
-        try:
-            orthanc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            orthanc.kill()
-        orthanc_log.close()
+        stop_orthanc(orthanc, orthanc_log)
     out["node_log_tail"] = (work / "node.log").read_text(errors="replace")[-1500:] if (work / "node.log").exists() else ""
     out["orthanc_log_tail"] = (work / "orthanc.log").read_text(errors="replace")[-1500:]
     print(json.dumps(out))
