@@ -9,20 +9,9 @@ The objective is the mean over GT boxes of the best IoU with any anchor shape of
 every box and anchor centred at the origin. For centred boxes the intersection is separable per
 axis, ``prod_a min(b_a, s_a)``, which keeps the objective a few small array products.
 
-The anchors scored are those the network builds, as nnDetection scores its own generator's anchors:
-MONAI's ``generate_anchors_using_shape`` (the call the bundle's ``PlanAnchorGenerator`` makes for
-every level) rounds each half extent to a whole voxel, half to even, so sizes 3 and 5 become 4, 7 and
-9 become 8, and 1 becomes an empty anchor. :func:`built_anchor_extents` runs that same MONAI function,
-so planner and network cannot drift apart. The plan keeps the optimised sizes (the generator's
-input), not the rounded ones: a base size 3 is built as 4 on a level of relative stride 1 but as 6 on
-a level of stride 2, which a rounded base could not express. ``mean_best_iou`` is of the built anchors.
-
 Optimiser: ``scipy.optimize.differential_evolution`` with integer sizes >= 1, seeded, started from
 nnDetection's initial sizes (4, 8, 16); the best value found is kept (nnDetection keeps the value of
-the last step, an oddity we do not copy). nnDetection uses nevergrad TwoPointsDE (budget 5000 x 3 on
-all boxes). 120 generations (<= 10.9k evaluations in 3D) on a 500-box subsample reach what that budget
-reaches (synthetic fingerprints of ~2000 boxes: mean best IoU 0.701-0.704 vs 0.700-0.702) in a fifth
-of the time; 40 generations stopped 0.017-0.042 below it.
+the last step, an oddity we do not copy). nnDetection uses nevergrad TwoPointsDE (budget 5000 x 3).
 
 Consumption by MONAI: ``AnchorGeneratorWithAnchorShape`` scales one list of shapes by a *scalar*
 per level, which cannot express anisotropic strides. Use :func:`anchor_shapes_per_level` to get the
@@ -38,8 +27,6 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-import torch
-from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
 from scipy.optimize import differential_evolution
 
 from planner.plan.plan import AnchorPlan
@@ -52,7 +39,7 @@ FILTER_PERCENTILES = (0.5, 99.5)  # GT boxes outside this size range (any axis) 
 MAX_BOXES = 500  # the optimiser sees at most this many GT boxes (seeded subsample) to bound the run time
 MAX_BOXES_REPORT = 20000  # the reported mean best IoU uses up to this many filtered boxes
 ANCHOR_SEED = 0
-DE_MAXITER = 120  # generations; the search converges near here (see the module notes)
+DE_MAXITER = 40
 DE_POPSIZE = 10  # population = popsize x number of parameters
 
 
@@ -105,78 +92,37 @@ def _shapes(per_axis: np.ndarray) -> np.ndarray:
     return np.asarray(list(itertools.product(*per_axis)), dtype=np.float64)
 
 
-def built_anchor_extents(shapes: np.ndarray) -> np.ndarray:
-    """[n, dim] anchor sizes -> [n, dim] extents (float32) of the anchors the network builds from them.
-
-    Runs MONAI's ``AnchorGeneratorWithAnchorShape.generate_anchors_using_shape``, the function the
-    bundle's ``PlanAnchorGenerator`` builds its cell anchors with: half extents rounded to whole voxels
-    (half to even), so odd sizes become the nearest multiple of 4 (3, 5 -> 4; 7, 9 -> 8; 1 -> 0).
-    Grid placement only shifts the anchors, so these are the extents of every anchor of the network.
-    """
-    shapes = np.asarray(shapes, dtype=np.float32)
-    dim = shapes.shape[1]
-    cell = AnchorGeneratorWithAnchorShape.generate_anchors_using_shape(torch.from_numpy(shapes))
-    return (cell[:, dim:] - cell[:, :dim]).numpy()
-
-
-def level_anchor_sizes(base: np.ndarray, level_strides: np.ndarray, as_built: bool = True) -> np.ndarray:
-    """[L, dim, k] per-axis anchor extents of every level: ``base`` scaled by the level's stride.
-
-    Args:
-        base: [dim, k] per-axis anchor sizes at the first decoder level.
-        level_strides: [L, dim] relative stride per level.
-        as_built: the extents of the anchors the network builds (:func:`built_anchor_extents`);
-            False: the exact sizes ``base * stride``.
-    """
-    sizes = np.asarray(level_strides)[:, :, None] * np.asarray(base)[None]  # [L, dim, k]
-    if not as_built:
-        return sizes
-    n_lv, dim, k = sizes.shape
-    # row (l, j) = (sizes[l, 0, j], ..., sizes[l, dim-1, j]): itself one of the level's anchor shapes
-    rows = sizes.transpose(0, 2, 1).reshape(-1, dim)
-    return built_anchor_extents(rows).reshape(n_lv, k, dim).transpose(0, 2, 1)
-
-
-def mean_best_iou(
-    box_sizes: np.ndarray, base: np.ndarray, level_strides: np.ndarray, as_built: bool = False
-) -> float:
+def mean_best_iou(box_sizes: np.ndarray, base: np.ndarray, level_strides: np.ndarray) -> float:
     """Mean over boxes of the best IoU with any anchor of any level (all centred at the origin).
 
     Args:
         box_sizes: [N, dim] GT box extents (voxels).
         base: [dim, k] per-axis anchor sizes at the first decoder level.
         level_strides: [L, dim] relative stride per level.
-        as_built: score the anchors the network builds from these sizes (MONAI's rounding, see
-            :func:`built_anchor_extents`) instead of the exact sizes; the planner scores built anchors.
 
     Returns:
         Mean best IoU in [0, 1] (0 for no boxes).
     """
     if len(box_sizes) == 0:
         return 0.0
-    return _mean_best_iou_of(box_sizes, level_anchor_sizes(base, level_strides, as_built))
-
-
-def _mean_best_iou_of(box_sizes: np.ndarray, sizes: np.ndarray) -> float:
-    """:func:`mean_best_iou` of [N, dim] boxes and [L, dim, k] per-level per-axis anchor extents."""
-    n_box, dim = box_sizes.shape
-    n_lv, _, k = sizes.shape
-    # per axis: [N, L, k] intersections with the boxes, broadcast into [N, L, k, ..., k]
+    dim = box_sizes.shape[1]
+    # per axis: [L, k] anchor extents of every level, then [N, L, k] intersections with the boxes
+    ext = [level_strides[:, a, None] * base[a][None, :] for a in range(dim)]
     inter = None
     vol = None
     for a in range(dim):
-        m = np.minimum(box_sizes[:, a, None, None], sizes[None, :, a, :])  # [N, L, k]
-        shape_n = [n_box, n_lv] + [1] * dim
-        shape_n[2 + a] = k
+        m = np.minimum(box_sizes[:, a, None, None], ext[a][None])  # [N, L, k]
+        shape_n = [box_sizes.shape[0], level_strides.shape[0]] + [1] * dim
+        shape_n[2 + a] = ext[a].shape[1]
         shape_v = shape_n.copy()
         shape_v[0] = 1
         m = m.reshape(shape_n)
-        e = sizes[:, a, :].reshape(shape_v)
+        e = ext[a].reshape(shape_v)
         inter = m if inter is None else inter * m
         vol = e if vol is None else vol * e
     box_vol = np.prod(box_sizes, axis=1).reshape([-1] + [1] * (dim + 1))
     iou = inter / (box_vol + vol - inter)
-    return float(iou.reshape(n_box, -1).max(axis=1).mean())
+    return float(iou.reshape(box_sizes.shape[0], -1).max(axis=1).mean())
 
 
 def anchor_shapes_per_level(plan: AnchorPlan) -> list[list[list[float]]]:
@@ -206,9 +152,9 @@ def plan_anchors(
     Returns:
         :class:`AnchorPlan` with ``base_sizes[a]`` the 3 sizes per axis at the first decoder level,
         ``sizes[l][a] = base_sizes[a] * relative stride of level l on axis a`` (voxels of the
-        preprocessed image; the generator's input, before MONAI's rounding), the mean best IoU of
-        the anchors as the network builds them over the filtered boxes (up to ``MAX_BOXES_REPORT``
-        of them, not only the optimiser's subsample), and 3**dim anchors per location.
+        preprocessed image), the mean best IoU over the filtered boxes (up to
+        ``MAX_BOXES_REPORT`` of them, not only the optimiser's subsample), and 3**dim anchors per
+        location.
     """
     dim = len(strides[0])
     box_sizes = np.asarray(box_sizes, dtype=np.float64).reshape(-1, dim)
@@ -227,15 +173,10 @@ def plan_anchors(
         hi = np.maximum(np.ceil(sizes.max(axis=0)), 2.0)  # a base anchor larger than every box is useless
         bounds = [(1.0, float(hi[a])) for a in range(dim) for _ in range(SIZES_PER_AXIS)]
         x0 = np.clip(init.reshape(-1), [b[0] for b in bounds], [b[1] for b in bounds])
-        # built extents of every integer size on every level and axis, from one MONAI call:
-        # table[l, a, v - 1] = extent of the anchors built from size v on level l, axis a
-        values = np.arange(1.0, float(hi.max()) + 1.0)
-        table = level_anchor_sizes(np.tile(values, (dim, 1)), rel, as_built=True)
-        axes = np.arange(dim)[:, None]
+        rel32 = rel.astype(np.float32)
 
         def objective(x: np.ndarray) -> float:
-            idx = np.round(x).astype(np.int64).reshape(dim, SIZES_PER_AXIS) - 1
-            return -_mean_best_iou_of(sizes, table[:, axes, idx])
+            return -mean_best_iou(sizes, np.round(x).astype(np.float32).reshape(dim, SIZES_PER_AXIS), rel32)
 
         init_value = -objective(x0)
         res = differential_evolution(
@@ -255,7 +196,7 @@ def plan_anchors(
         base = x.reshape(dim, SIZES_PER_AXIS)
         logger.info("anchors: %d boxes optimised (%d evaluations), mean best IoU %.4f (initial %.4f)",
                     len(sizes), res.nfev, -res.fun, init_value)
-    best = mean_best_iou(report, base.astype(np.float32), rel.astype(np.float32), as_built=True)
+    best = mean_best_iou(report, base.astype(np.float32), rel.astype(np.float32))
     base = np.sort(base, axis=1)
     per_level = [[[float(v) for v in base[a] * rel[lv, a]] for a in range(dim)] for lv in range(len(rel))]
     return AnchorPlan(

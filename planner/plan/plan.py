@@ -19,7 +19,7 @@ from planner.io import load_json, save_json
 PLAN_SCHEMA_VERSION = 1
 # The planner's rules: bump whenever a rule changes the plans it makes for the same fingerprint, so a reused plan
 # made by older rules is reported as stale (planner.prep). 2: patch shrinking on ties as nnDetection (last axis).
-# 3: anchors scored as the network builds them, 120 search generations, exact CT names, "CT" substring mask rule.
+# 3: exact CT/CT2 names, nnDetection's "CT" substring rule for the normalisation mask.
 PLANNER_VERSION = "3"
 
 

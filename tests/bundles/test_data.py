@@ -110,26 +110,6 @@ def test_foreground_crops_contain_the_whole_instance(prep3d):
             assert (whole[0][:3] >= 0).all() and (whole[0][3:] <= PATCH).all()
 
 
-def test_foreground_crops_at_a_border_stay_inside_the_scan(prep3d):
-    # nnDetection (OffsetFGCrop3D) limits the patch start to [0, shape - patch] per axis: an object near
-    # a border gives an off-centre patch inside the scan, not one hanging over the edge into padding
-    write_case(prep3d / "imagesTr", "big", (40, 40, 40), [((0, 0, 0), (20, 20, 20), 0)], seed=3)
-    ds = PatchDataset(prep3d / "imagesTr", ["c0", "c1", "big"], PATCH)
-    p = np.asarray(PATCH)
-    for seed in range(60):
-        rng = np.random.default_rng(seed)
-        # c0: an object 2-4 voxels from the low corner; big: an object larger than the patch at the corner
-        for c, k in [(0, 0), (0, 1), (2, 0)]:
-            start = ds.patch_start((FOREGROUND, c, k, seed), rng)
-            assert (start >= 0).all() and (start + p <= ds.shapes[c]).all(), (c, k, seed, start)
-        # c1: 12 voxels along x (< 16, padded as before); the object is 3 voxels from the end of y (40)
-        start = ds.patch_start((FOREGROUND, 1, 0, seed), rng)
-        assert 0 <= start[1] <= 40 - 16 and 0 <= start[2] <= 20 - 16
-        assert 9 - 16 <= start[0] <= 3  # short axis: the object inside, the rest padded
-    s = ds[(FOREGROUND, 0, 0, 7)]  # the sample holds the whole object of c0 all the same
-    assert any(np.array_equal(b[3:] - b[:3], [6, 6, 6]) for b in s["boxes"].numpy())
-
-
 def test_random_crop_stays_inside_when_possible(prep3d):
     ds = PatchDataset(prep3d / "imagesTr", ["c2"], PATCH)
     rng = np.random.default_rng(0)
@@ -154,16 +134,16 @@ def test_train_batches_hold_whole_instances(prep3d):
     loader = make_train_loader(prep3d, ["c0", "c1", "c2"], PATCH, batch_size=4, num_batches=6, num_workers=0)
     for batch in loader:
         assert batch["image"].shape == (4, 1, *PATCH) and batch["seg"].shape == (4, 1, *PATCH)
+        whole = 0
         for t, seg in zip(batch["targets"], batch["seg"], strict=True):
             assert t["boxes"].shape[1] == 6 and t["labels"].dtype == torch.int64
             # boxes were recomputed from the augmented map: they match it exactly
             ref_boxes, _ = boxes_from_instance_map(seg[0].numpy(), {1: 0, 2: 1})
             np.testing.assert_array_equal(t["boxes"].numpy(), ref_boxes)
-        # the last two samples are foreground crops: each holds its object. Two of the three objects
-        # lie 2-4 voxels from a scan border and the patch stays inside the scan (nnDetection's rule),
-        # so they often touch the patch edge and rotation/scaling may cut them; wholeness is checked
-        # below, without rotation and scaling.
-        assert all(len(t["boxes"]) > 0 for t in batch["targets"][2:])
+            inside = (t["boxes"][:, :3] > 0).all(1) & (t["boxes"][:, 3:] < torch.tensor(PATCH)).all(1)
+            whole += int(inside.any())
+        # two foreground samples per batch; rotation/scaling (p 0.2 each) may still move one to the border
+        assert whole >= 1
     n_fg = 0
     aug_off = DetectionAugmentation(dim=3, p_rotation=0, p_scale=0)
     loader = make_train_loader(prep3d, ["c0", "c1"], PATCH, 4, num_batches=5, num_workers=0, augment=aug_off)

@@ -1,4 +1,4 @@
-"""Fold splits: deterministic, disjoint, complete, nnDetection's folds; user files validated."""
+"""Fold splits: deterministic, disjoint, complete; user files validated."""
 
 from __future__ import annotations
 
@@ -28,27 +28,6 @@ def test_splits_deterministic_disjoint_cover_all():
     for f in a:
         assert set(f["train"]).isdisjoint(f["val"])
         assert set(f["train"]) | set(f["val"]) == set(CASES)
-
-
-def test_splits_equal_nndetections_sklearn_kfold():
-    # nnDetection: KFold(n_splits=5, shuffle=True, random_state=12345).split(sorted ids). Expected values
-    # derived by hand from KFold's steps: the shuffle of arange(7) by numpy.random.RandomState(12345) is
-    # [6, 3, 4, 0, 1, 5, 2] (computed once with numpy); chunk sizes 2, 2, 1, 1, 1; sorted ids
-    # a1 a10 a2 b c d e are indices 0..6; val = chunk k, train = the rest, both ascending. Cross-checked
-    # once against sklearn 1.9.1's KFold in a scratch install (sklearn is no dependency of ours).
-    ids = ["b", "a10", "a2", "c", "a1", "d", "e"]
-    assert make_splits(ids) == [
-        {"train": ["a1", "a10", "a2", "c", "d"], "val": ["b", "e"]},
-        {"train": ["a10", "a2", "b", "d", "e"], "val": ["a1", "c"]},
-        {"train": ["a1", "a2", "b", "c", "d", "e"], "val": ["a10"]},
-        {"train": ["a1", "a10", "a2", "b", "c", "e"], "val": ["d"]},
-        {"train": ["a1", "a10", "b", "c", "d", "e"], "val": ["a2"]},
-    ]
-    # 12 cases: shuffle [8, 0, 3, 7, 11, 10, 6, 9, 4, 1, 5, 2], sizes 3, 3, 2, 2, 2; ids sort as strings
-    # (case_0, case_1, case_10, case_11, case_2, ..., case_9), as numpy's np.sort in nnDetection
-    vals = [f["val"] for f in make_splits([f"case_{i}" for i in range(12)])]
-    assert vals == [["case_0", "case_11", "case_6"], ["case_5", "case_8", "case_9"], ["case_4", "case_7"],
-                    ["case_1", "case_2"], ["case_10", "case_3"]]
 
 
 def test_too_few_cases():

@@ -8,11 +8,9 @@ import numpy as np
 import torch
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
 
-from bundles.retinaunet_template.scripts.detector import PlanAnchorGenerator
 from planner.plan.anchors import (
     ANCHOR_INIT,
     anchor_shapes_per_level,
-    built_anchor_extents,
     filter_box_sizes,
     mean_best_iou,
     plan_anchors,
@@ -118,46 +116,3 @@ def test_shapes_work_as_monai_cell_anchors():
         even = [i for i, s in enumerate(level) if all(v % 2 == 0 for v in s)]
         got = (cell[:, 3:] - cell[:, :3])[even]
         np.testing.assert_allclose(got.numpy(), np.asarray(level)[even])
-
-
-def _network_anchor_shapes(sizes, image_size) -> np.ndarray:
-    """Distinct [S, dim] extents of the anchors the detector's generator places on an image."""
-    gen = PlanAnchorGenerator(sizes)
-    strides = np.cumprod(np.asarray(STRIDES_3D), axis=0)[[2, 3, 4, 5]]
-    grids = [tuple(int(v) for v in np.asarray(image_size) // s) for s in strides]
-    anchors, _ = gen.anchors_for(image_size, grids, torch.device("cpu"))
-    dim = len(image_size)
-    return np.unique((anchors[:, dim:] - anchors[:, :dim]).double().numpy(), axis=0)
-
-
-def test_built_extents_are_monais_rounding():
-    sizes = np.array([[1.0, 2.0, 3.0], [5.0, 7.0, 9.0], [6.0, 11.0, 13.0]])
-    np.testing.assert_array_equal(built_anchor_extents(sizes), [[0, 2, 4], [4, 8, 8], [6, 12, 12]])
-    gen = PlanAnchorGenerator([[[3.0, 5.0, 7.0], [9.0, 4.0, 6.0], [11.0, 13.0, 2.0]]])
-    cell = gen.cell_anchors[0].numpy()
-    shapes = np.asarray(list(itertools.product([3.0, 5.0, 7.0], [9.0, 4.0, 6.0], [11.0, 13.0, 2.0])))
-    np.testing.assert_array_equal(built_anchor_extents(shapes), cell[:, 3:] - cell[:, :3])
-
-
-def test_reported_iou_is_that_of_the_anchors_the_detector_builds():
-    """Odd sizes (3, 5, 7, 9 voxels) are built rounded to 4 and 8; the plan scores those anchors."""
-    rng = np.random.default_rng(3)
-    boxes = rng.choice([3.0, 5.0, 7.0, 9.0], size=(300, 3))
-    plan = plan_anchors(boxes, STRIDES_3D, [2, 3, 4, 5], maxiter=20)
-    built = _network_anchor_shapes(plan.sizes, (8, 32, 32))
-    assert len(built) <= 4 * 27
-    assert abs(plan.mean_best_iou - _brute_iou(filter_box_sizes(boxes), built)) < 1e-6
-    # the sizes as planned would score more than the network has: the gap the old objective hid
-    exact = np.asarray([s for level in anchor_shapes_per_level(plan) for s in level])
-    assert _brute_iou(filter_box_sizes(boxes), exact) >= plan.mean_best_iou
-
-
-def test_mean_best_iou_as_built_matches_the_detectors_anchors():
-    rng = np.random.default_rng(4)
-    boxes = rng.uniform(1, 40, size=(60, 3))
-    base = np.array([[3.0, 5.0, 9.0], [1.0, 7.0, 13.0], [4.0, 6.0, 11.0]])
-    rel = relative_level_strides(STRIDES_3D, [2, 3, 4, 5])
-    sizes = [[list(base[a] * rel[lv, a]) for a in range(3)] for lv in range(len(rel))]
-    built = _network_anchor_shapes(sizes, (8, 32, 32))
-    assert abs(mean_best_iou(boxes, base, rel, as_built=True) - _brute_iou(boxes, built)) < 1e-6
-    assert abs(mean_best_iou(boxes, base, rel, as_built=True) - mean_best_iou(boxes, base, rel)) > 1e-3

@@ -180,11 +180,7 @@ class PatchDataset(Dataset):
         return len(self.case_ids)
 
     def patch_start(self, request: Request, rng: np.random.Generator) -> np.ndarray:
-        """Start (voxel, array axes) of the final patch for a request.
-
-        Random and foreground crops lie inside the scan on every axis at least as long as the patch; on a
-        shorter axis (and for the centred validation crops) the start may be negative / past the end and
-        :func:`crop_padded` pads."""
+        """Start (voxel, array axes) of the final patch for a request; may be negative / past the end."""
         mode, c, k, _ = request
         shape, p = np.asarray(self.shapes[c]), np.asarray(self.patch_size)
         if mode == RANDOM:
@@ -196,25 +192,12 @@ class PatchDataset(Dataset):
         b_lo, b_hi = np.floor(box[: self.dim]).astype(int), np.ceil(box[self.dim :]).astype(int)
         if mode == FOREGROUND_CENTRE:
             return (b_lo + b_hi) // 2 - p // 2
-        # Like nnDetection's ``OffsetFGCrop3D``, the final patch of a foreground crop stays inside the scan:
-        # on every axis at least as long as the patch, its start is limited to [0, shape - patch] (the
-        # object near a border is then off-centre in the patch instead of next to padding). An axis
-        # shorter than the patch cannot hold it: there the start is left as drawn and the rest is padded,
-        # as before (nnDetection instead starts the patch at 0 on any axis not longer than its enlarged
-        # sampling patch, wherever the object is).
         start = np.empty(self.dim, dtype=int)
         for a in range(self.dim):
-            inside = shape[a] >= p[a]
             if b_hi[a] - b_lo[a] <= p[a]:  # whole object inside, random offset
-                lo, hi = b_hi[a] - p[a], b_lo[a]
-                if inside:  # starts that also keep the patch in the scan (never empty: box in the scan)
-                    lo, hi = max(lo, 0), min(hi, shape[a] - p[a])
-                    hi = max(hi, lo)  # only for a box outside the scan (inconsistent json)
-                start[a] = rng.integers(lo, hi + 1)
+                start[a] = rng.integers(b_hi[a] - p[a], b_lo[a] + 1)
             else:  # bigger than the patch: random centre inside the box
                 start[a] = rng.integers(b_lo[a], b_hi[a]) - p[a] // 2
-                if inside:  # shifted into the scan, still overlapping the object (nnDetection: not clipped)
-                    start[a] = min(max(start[a], 0), shape[a] - p[a])
         return start
 
     def __getitem__(self, request: Request) -> dict:
@@ -316,8 +299,6 @@ def collate_detection(samples: list[dict]) -> dict:
 
 
 def _worker_init(worker_id: int) -> None:
-    # no die_with_parent() here: torch's loader workers already exit when their parent dies (their watchdog
-    # polls the parent pid), and a ctypes call in a worker forked from a threaded trainer is not worth the risk
     torch.set_num_threads(1)  # workers are processes: no intra-op threads fighting over the cores
     np.random.seed(torch.initial_seed() % 2**32)  # only for third-party code; our draws use request seeds
 

@@ -4,12 +4,11 @@ The splits file is a JSON list with one entry per fold::
 
     [{"train": ["case_0", ...], "val": ["case_3", ...]}, ...]
 
-nnDetection creates its folds with sklearn ``KFold(n_splits=5, shuffle=True, random_state=12345)`` over the
-sorted case ids and pickles them. We write JSON and do not depend on sklearn, but compute the same folds
-(:func:`make_splits` repeats KFold's steps with the same legacy numpy generator), so for the same case ids
-fold ``k`` here holds the same cases as nnDetection's fold ``k``. A splits file that exists is reused as
-it is: files written before our folds matched nnDetection's keep their (valid, but different) folds until
-deleted. A user-provided file is accepted after validation.
+nnDetection creates its folds with sklearn ``KFold(n_splits=5, shuffle=True, random_state=12345)`` and
+pickles them. We do not depend on sklearn and write JSON: our folds are deterministic and KFold-like (sorted
+ids, one seeded permutation, contiguous chunks whose sizes differ by at most one) but **their membership
+differs from nnDetection's** for the same seed. To reproduce nnDetection folds exactly, write them into the
+JSON file yourself; a user-provided file is accepted after validation.
 """
 
 from __future__ import annotations
@@ -37,14 +36,12 @@ class SplitsError(ValueError):
 def make_splits(
     case_ids: Sequence[str], num_folds: int = DEFAULT_NUM_FOLDS, seed: int = DEFAULT_SEED
 ) -> list[dict[str, list[str]]]:
-    """Deterministic K-fold splits, equal to sklearn's ``KFold(num_folds, shuffle=True, random_state=seed)``.
+    """Deterministic K-fold splits.
 
-    As nnDetection, the case ids are sorted first. KFold then shuffles the indices ``0..n-1`` in place with
-    ``numpy.random.RandomState(seed)`` (the legacy generator, whose stream numpy keeps fixed), cuts the
-    shuffled indices into ``num_folds`` consecutive chunks (``n // num_folds`` each, one more for the first
-    ``n % num_folds``) and validates fold ``k`` on chunk ``k``, training on the rest. It returns both index
-    sets ascending, so the id lists here are sorted. The result does not depend on the input order of
-    ``case_ids``.
+    Case ids are sorted, permuted once with ``numpy.random.default_rng(seed)`` and cut into ``num_folds``
+    contiguous chunks (the first ``n % num_folds`` chunks get one extra case, as sklearn's KFold does).
+    Fold ``k`` validates on chunk ``k`` and trains on the rest. The result does not depend on the input
+    order of ``case_ids``. Membership differs from nnDetection's sklearn folds (see module docstring).
 
     Args:
         case_ids: unique case identifiers.
@@ -64,8 +61,7 @@ def make_splits(
             f"make_splits: {len(ids)} case(s) cannot be split into {num_folds} folds; "
             "use fewer folds (-o num_folds=...) or add cases"
         )
-    order = np.arange(len(ids))
-    np.random.RandomState(seed).shuffle(order)  # sklearn's check_random_state(int) -> RandomState
+    order = np.random.default_rng(seed).permutation(len(ids))
     sizes = np.full(num_folds, len(ids) // num_folds)
     sizes[: len(ids) % num_folds] += 1
     bounds = np.concatenate([[0], np.cumsum(sizes)])
