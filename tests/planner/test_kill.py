@@ -91,3 +91,48 @@ with paths.worker_pool(2) as pool:
 """)
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "6", p.stderr
+
+
+def _group_members(pgid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+                out.append(int(d.name))
+    return out
+
+
+def test_kill_9_of_nndet_prep_leaves_no_worker_and_a_rerun_completes(tmp_path):
+    """The whole command: `nndet_prep -np 2 -npp 2` killed with SIGKILL while its workers run; no process of
+    its group survives, and a rerun finishes with every case preprocessed."""
+    env = {**os.environ, "det_data": str(tmp_path / "data"), "det_models": str(tmp_path / "models"),
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", "from workflow.cli import example_main; example_main()", "--preset", "cpu",
+                    "--num_train", "8", "--num_test", "1"], env=env, check=True, capture_output=True, timeout=300,
+                   cwd=ROOT)
+    cmd = [sys.executable, "-c", "from workflow.cli import prep_main; prep_main()", "000", "--preset", "cpu",
+           "-np", "2", "-npp", "2"]
+    prep = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 120
+    while len(_group_members(prep.pid)) < 2:  # wait for its workers
+        assert prep.poll() is None, "prep ended before its workers could be seen"
+        assert time.monotonic() < end, "no worker seen"
+        time.sleep(0.05)
+    os.kill(prep.pid, signal.SIGKILL)
+    prep.wait(timeout=30)
+    end = time.monotonic() + 10
+    while _group_members(prep.pid) and time.monotonic() < end:
+        time.sleep(0.1)
+    left = _group_members(prep.pid)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "workers outlived the killed nndet_prep"
+    again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    pre = next((tmp_path / "data").glob("Task000*/preprocessed/D3V001CPU_3d/imagesTr"))
+    assert len([p for p in pre.glob("*.json")]) >= 8 and len(list(pre.glob("*_seg.npy"))) == 8
