@@ -48,6 +48,7 @@ from planner.dataset import (
     CaseFiles,
     DatasetError,
     DatasetInfo,
+    case_and_modality,
     case_files,
     list_case_ids,
     load_dataset_info,
@@ -180,11 +181,12 @@ def _check_split(raw: Path, split: str, info: DatasetInfo, with_labels: bool) ->
                              "(compress .nii with gzip; move other files elsewhere)"))
             continue
         stem = f.name[: -len(IMAGE_SUFFIX)]
+        parsed = case_and_modality(f.name)
         mod = stem[-4:]
-        if not (len(stem) > 5 and stem[-5] == "_" and mod.isdigit()):
+        if parsed is None:
             problems.append((str(f), "image name lacks the modality suffix; rename to "
                              f"{stem}_0000{IMAGE_SUFFIX}"))
-        elif int(mod) >= info.num_modalities:
+        elif parsed[1] >= info.num_modalities:
             problems.append((str(f), f"modality {mod} is not in dataset.json modalities {info.modalities}; "
                              "add it there or remove the file"))
     if with_labels and not labels_dir.is_dir():
@@ -403,8 +405,7 @@ def check_input_folder(folder: Path, num_modalities: int, dim: int, num_processe
         raise DatasetError([(str(folder), "input folder does not exist")])
     problems: list[Problem] = []
     for p in sorted(folder.iterdir()):
-        stem = p.name[: -len(IMAGE_SUFFIX)] if p.name.endswith(IMAGE_SUFFIX) else ""
-        if p.is_file() and not (len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit()):
+        if p.is_file() and case_and_modality(p.name) is None:
             problems.append((str(p), f"not named <case>_XXXX{IMAGE_SUFFIX} (XXXX = 4-digit modality index): it "
                              "would not be predicted; rename it or move it out of the input folder"))
     ids = list_case_ids(folder)

@@ -154,14 +154,20 @@ class CaseFiles:
     instances_json: Path | None
 
 
+def case_and_modality(name: str) -> tuple[str, int] | None:
+    """``(case id, modality index)`` of an image file named ``<case>_<XXXX>.nii.gz``; None for any other name."""
+    if not name.endswith(IMAGE_SUFFIX):
+        return None
+    stem = name[: -len(IMAGE_SUFFIX)]
+    if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+        return stem[:-5], int(stem[-4:])
+    return None
+
+
 def list_case_ids(images_dir: Path) -> list[str]:
     """Case ids from ``<case>_<XXXX>.nii.gz`` names in an images folder (sorted, unique)."""
-    ids = set()
-    for p in images_dir.glob(f"*{IMAGE_SUFFIX}"):
-        stem = p.name[: -len(IMAGE_SUFFIX)]
-        if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
-            ids.add(stem[:-5])
-    return sorted(ids)
+    found = (case_and_modality(p.name) for p in images_dir.glob(f"*{IMAGE_SUFFIX}"))
+    return sorted({f[0] for f in found if f is not None})
 
 
 def case_files(raw_root: Path, case_id: str, num_modalities: int, split: str = "Tr") -> CaseFiles:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from planner.dataset import IMAGE_SUFFIX, CaseFiles, list_case_ids
+from planner.dataset import IMAGE_SUFFIX, CaseFiles, case_and_modality, list_case_ids
 from planner.io import load_json, save_json
 from planner.nifti import load_case, spacing_from_affine
 from planner.preprocess.transforms import IMAGE_KEY, SPACING_KEY, to_numpy
@@ -106,11 +106,6 @@ def _modality_text(modalities: Mapping[str, str] | None, num_modalities: int) ->
     return ", ".join(f"_{m:04d} = {names.get(str(m), f'modality {m}')}" for m in range(num_modalities))
 
 
-def _follows_naming(name: str) -> bool:
-    stem = name[: -len(IMAGE_SUFFIX)] if name.endswith(IMAGE_SUFFIX) else None
-    return stem is not None and len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit()
-
-
 class CasesFailed(RuntimeError):
     """Some cases of a folder could not be predicted; the others were. ``failures``: (case id, reason)."""
 
@@ -150,7 +145,7 @@ def find_cases(input_dir: str | Path | None, num_modalities: int,
         hint = f"; found {others} which do not follow that naming" if others else ""
         raise FileNotFoundError(f"{folder}: no input case; expected one file per modality named "
                                 f"<case>_XXXX{IMAGE_SUFFIX} ({expected}){hint}")
-    strays = sorted(p.name for p in folder.iterdir() if p.is_file() and not _follows_naming(p.name))
+    strays = sorted(p.name for p in folder.iterdir() if p.is_file() and case_and_modality(p.name) is None)
     if strays:
         logger.warning("%s: %d file(s) not named <case>_XXXX%s are not predicted: %s%s", folder, len(strays),
                        IMAGE_SUFFIX, strays[:10], " ..." if len(strays) > 10 else "")
