@@ -27,6 +27,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from planner.io import atomic_path
+
 STATES = ("incoming", "queue", "work", "results", "outbox", "answered", "quarantine")
 _SAFE = re.compile(r"[^0-9A-Za-z._-]+")
 
@@ -50,17 +52,13 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """``data`` into ``path``: a temporary sibling written, fsynced, then renamed over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    """``data`` into ``path`` with :func:`planner.io.atomic_path` (temporary sibling, renamed), fsynced
+    before the rename: a received instance is on disk before the node answers the C-STORE."""
+    with atomic_path(path, suffix=".tmp") as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
