@@ -12,6 +12,8 @@
 #   box_ops     benchmarks/box_ops.py: CUDA kernels vs CPU fallbacks vs MONAI
 #   train_step  benchmarks/train_step.py: default plan of a CT-like task (it/s, data-wait share, peak memory vs
 #               the planner's estimate)
+#   ddp         benchmarks/train_step.py --ddp N: DDP overhead at N=1 vs plain steps; N = the GPUs lent, with the
+#               throughput and scaling efficiency from 1 to N GPUs when N > 1
 #   inference   benchmarks/inference.py on 512x512x256: 1 fold x 1 TTA, 5 x 8, MONAI's sliding window
 # Writes $OUT/gpu_report.md (the tables, one section per step) and $OUT/<step>.log; OUT defaults to
 # ./gpu_check_out. Copy the report's tables into benchmarks/RESULTS.md with machine and date.
@@ -68,11 +70,14 @@ if [ "$DRY" = 1 ]; then
   step box_ops 300 "$PY" benchmarks/box_ops.py --sizes 100 300 --dense_sizes 100 --reps 1 --iou_max_n 300
   step train_step 300 "$PY" benchmarks/train_step.py --preset cpu --size 48 --cases 2 --steps 2 --warmup 1 \
     --loader_batches 2 --workers 0
+  step ddp 300 "$PY" benchmarks/train_step.py --preset cpu --size 48 --cases 2 --steps 5 --warmup 1 --workers 0 --ddp 1
   step inference 300 "$PY" benchmarks/inference.py --preset cpu --shape 64 64 32 --runs ours:1:1 monai:1:1
 else
   step parity 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/ops tests/bundles/test_detector.py
   step box_ops 90 "$PY" benchmarks/box_ops.py --reps 3
   step train_step 120 "$PY" benchmarks/train_step.py --preset default --size 256 --steps 30 --warmup 5
+  step ddp 120 "$PY" benchmarks/train_step.py --preset default --size 256 --steps 15 --warmup 3 \
+    --ddp "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 1)"
   step inference 180 "$PY" benchmarks/inference.py --shape 512 512 256 --runs ours:1:1 ours:5:8 monai:1:1 \
     --device cuda
 fi

@@ -4,6 +4,14 @@ Usage (from the repo root):
 
     python benchmarks/train_step.py                       # GPU when present: default plan of a CT-like task
     python benchmarks/train_step.py --preset cpu --size 96 --steps 20   # a quick CPU run
+    python benchmarks/train_step.py --preset cpu --size 96 --ddp 1      # DDP overhead at N=1 vs plain steps
+    python benchmarks/train_step.py --ddp 8                             # GPU: throughput 1 vs 8 GPUs, efficiency
+
+``--ddp 1`` times plain steps and steps through a ``DistributedDataParallel`` wrapper (a one-process gloo or
+NCCL group) alternately on the same batches, so both see the same machine load; the overhead is the ratio of
+their medians. ``--ddp N`` (N > 1) also starts N processes (one per GPU, or gloo CPU processes), each stepping
+its share (``batch / N``) of the plan's global batch, and reports global samples/s and the scaling efficiency
+``throughput_N / (N * throughput_1)`` (on the CPU the processes share the cores: correctness only).
 
 A CT-like synthetic task (anisotropic spacing, HU-like intensities, our toy generator) is written to a
 temporary folder, planned and preprocessed with ``nndet_prep``; the generated bundle's own
@@ -30,6 +38,8 @@ from types import SimpleNamespace
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from planner.paths import use_cpu_threads  # noqa: E402
+
 
 def _gpu_util_sampler(stop: threading.Event, out: list[float]) -> None:
     try:
@@ -54,7 +64,7 @@ def make_task(root: Path, size: int, cases: int, preset: str):
     return task.name, result.plans[0], result.bundles[0]
 
 
-def load_objects(bundle: Path, workers: int, iterations: int):
+def load_objects(bundle: Path, workers: int, iterations: int, rank: int = 0, world_size: int = 1):
     from monai.bundle import ConfigParser
 
     if str(bundle) not in sys.path:
@@ -67,8 +77,129 @@ def load_objects(bundle: Path, workers: int, iterations: int):
     parser["iterations"] = iterations
     parser["warmup"] = 1
     parser["num_folds"] = 2
+    parser["rank"], parser["world_size"] = rank, world_size
     return {k: parser.get_parsed_content(k) for k in
             ("device", "network", "optimizer", "train#dataloader", "train#step")}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_step_times(network, step, engine, loader_iter, steps: int, warmup: int, wrap_ddp: bool):
+    """Median seconds per step of ``step`` with ``engine.network`` the plain network or its DDP wrapper."""
+    import torch
+
+    device = engine.state.device
+    engine.network = (torch.nn.parallel.DistributedDataParallel(network, device_ids=[device] if device.type == "cuda"
+                                                                else None) if wrap_ddp else network)
+    times = []
+    for i in range(steps + warmup):
+        batch = next(loader_iter)
+        engine.state.iteration += 1
+        t0 = time.perf_counter()
+        step(engine, batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) if times else float("nan")
+
+
+def ddp_overhead(bundle: Path, workers: int, steps: int, warmup: int) -> tuple[float, float]:
+    """(plain, DDP N=1) median step seconds, measured alternately in blocks of 5 on the same loader."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    objs = load_objects(bundle, workers, 4 * (steps + warmup) + 20)
+    device, network, step = objs["device"], objs["network"], objs["train#step"]
+    use_cpu_threads(device)  # as train.json's initialize: every core for the network on the CPU
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    try:
+        engine = SimpleNamespace(network=network, optimizer=objs["optimizer"],
+                                 state=SimpleNamespace(device=device, iteration=0))
+        it = iter(objs["train#dataloader"])
+        _ddp_step_times(network, step, engine, it, 0, warmup, False)
+        plain, ddp = [], []
+        for _ in range(max(1, steps // 5)):
+            plain.append(_ddp_step_times(network, step, engine, it, 5, 0, False))
+            ddp.append(_ddp_step_times(network, step, engine, it, 5, 0, True))
+        return statistics.median(plain), statistics.median(ddp)
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_worker(rank: int, world: int, port: int, bundle: str, workers: int, steps: int, warmup: int, out: str):
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    objs = load_objects(Path(bundle), workers, steps + warmup + 2, rank=rank, world_size=world)
+    device = torch.device(f"cuda:{rank}") if cuda else torch.device("cpu")
+    network = objs["network"].to(device)
+    use_cpu_threads(device)  # cores // LOCAL_WORLD_SIZE on the CPU
+    engine = SimpleNamespace(network=network, optimizer=objs["optimizer"],
+                             state=SimpleNamespace(device=device, iteration=0))
+    t = _ddp_step_times(network, objs["train#step"], engine, iter(objs["train#dataloader"]), steps, warmup, True)
+    times = [None] * world
+    dist.all_gather_object(times, t)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"step_s": max(times)}))
+    dist.destroy_process_group()
+
+
+def ddp_scaling(bundle: Path, world: int, workers: int, steps: int, warmup: int) -> float:
+    """Median step seconds of a ``world``-process DDP run (each process its share of the global batch)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/ddp.json"
+        mp.start_processes(_ddp_worker, args=(world, _free_port(), str(bundle), max(0, workers // world), steps,
+                                              warmup, out), nprocs=world, start_method="spawn")
+        return json.loads(Path(out).read_text())["step_s"]
+
+
+def run_ddp(args) -> None:
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["det_data"], os.environ["det_models"] = f"{tmp}/data", f"{tmp}/models"
+        Path(f"{tmp}/data").mkdir()
+        task, plan, bundle = make_task(Path(f"{tmp}/data"), args.size, args.cases, args.preset)
+        workers = args.workers if args.workers is not None else int(os.environ.get("det_num_threads", 6))
+        plain, ddp1 = ddp_overhead(bundle, workers, args.steps, args.warmup)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        print(f"\ntask {task}, plan {plan.plan_id}: patch {plan.patch_size}, global batch {plan.batch_size}, "
+              f"device {device}, {args.steps} timed steps per setting\n")
+        print("| setting | processes | step (median) | samples/s | vs plain |\n|---|---|---|---|---|")
+        rate = plan.batch_size / plain
+        print(f"| plain training step | 1 | {plain * 1e3:.0f} ms | {rate:.2f} | 1.00 |")
+        print(f"| DDP wrapper, one process | 1 | {ddp1 * 1e3:.0f} ms | {plan.batch_size / ddp1:.2f} | "
+              f"{plain / ddp1:.2f} (overhead {100 * (ddp1 - plain) / plain:+.1f} %) |")
+        if args.ddp > 1:
+            from bundles.retinaunet_template.scripts.distributed import global_batch
+
+            step_n = ddp_scaling(bundle, args.ddp, workers, args.steps, args.warmup)
+            rate_n = global_batch(plan.batch_size, args.ddp) / step_n
+            print(f"| DDP | {args.ddp} | {step_n * 1e3:.0f} ms | {rate_n:.2f} | {rate_n / rate:.2f} "
+                  f"(scaling efficiency {100 * rate_n / (args.ddp * rate):.0f} %) |")
+            if device == "cpu":
+                print(f"\n(CPU: the {args.ddp} processes share {os.cpu_count()} cores; efficiency is not a target here)")
 
 
 def run(args) -> None:
@@ -141,7 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--loader_batches", type=int, default=40, help="batches timed for the loader-alone rate")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default det_num_threads or 6)")
-    run(p.parse_args(argv))
+    p.add_argument("--ddp", type=int, default=0, help="N >= 1: DDP overhead at N=1 vs plain steps, and with N > 1 "
+                   "the throughput of N processes (one per GPU) and the scaling efficiency")
+    args = p.parse_args(argv)
+    run_ddp(args) if args.ddp else run(args)
 
 
 if __name__ == "__main__":

@@ -345,12 +345,14 @@ def verify_bundle(bundle_dir: str | os.PathLike) -> None:
     if problems:
         raise BundleError(problems)
     # references are resolved over the configs layered as `monai.bundle run` layers them (later files
-    # override earlier ones, metadata available as `_meta_`); plan.json is data, not a layer
-    layered = [f for f in files if f.name not in ("metadata.json", "plan.json") and isinstance(contents[f], dict)]
-    merged: dict[str, Any] = {"_meta_": contents.get(configs / "metadata.json", {})}
+    # override earlier ones, ids with '#' reach into them, metadata available as `_meta_`); plan.json is data,
+    # not a layer; multi_gpu_*.json are overlays of train.json (the model-zoo convention), so they come last
+    layered = sorted((f for f in files if f.name not in ("metadata.json", "plan.json") and isinstance(contents[f], dict)),
+                     key=lambda f: (f.name.startswith("multi_gpu_"), f.name))
+    parser = ConfigParser({"_meta_": contents.get(configs / "metadata.json", {})})
     for f in layered:
-        merged.update(contents[f])
-    parser = ConfigParser(merged)
+        for key, value in contents[f].items():
+            parser[key] = value
     for f in layered:
         for key in contents[f]:
             try:

@@ -57,11 +57,20 @@ def num_threads() -> int:
         raise EnvironmentError_(f"det_num_threads must be an integer, got {raw!r}: export det_num_threads=4") from e
 
 
+def local_processes() -> int:
+    """Processes of this run on this machine: torchrun's ``LOCAL_WORLD_SIZE`` (1 outside torchrun)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    except ValueError:
+        return 1
+
+
 def torch_threads() -> int:
-    """Intra-op threads for the network process on the CPU: ``det_torch_threads``, default every core."""
+    """Intra-op threads for the network process on the CPU: ``det_torch_threads``, default every core (shared
+    out between the processes of a torchrun run on this machine)."""
     raw = os.environ.get("det_torch_threads", "")
     if not raw:
-        return max(1, os.cpu_count() or 1)
+        return max(1, (os.cpu_count() or 1) // local_processes())
     try:
         return max(1, int(raw))
     except ValueError as e:
@@ -162,16 +171,17 @@ def mp_context():
     return multiprocessing.get_context(method)
 
 
-def die_with_parent() -> None:
-    """Make this (worker) process get SIGKILL when its parent dies (Linux ``PR_SET_PDEATHSIG``), so a
-    ``kill -9`` of ``nndet_prep`` / training / prediction leaves no worker running and writing; a no-op
-    elsewhere. Exits at once when the parent is already gone (the race between fork and prctl)."""
+def die_with_parent(sig: int | None = None) -> None:
+    """Make this (worker) process get SIGKILL (or ``sig``) when its parent dies (Linux ``PR_SET_PDEATHSIG``), so
+    a ``kill -9`` of ``nndet_prep`` / training / prediction leaves no worker running and writing; a no-op
+    elsewhere. Exits at once when the parent is already gone (the race between fork and prctl). torchrun takes
+    SIGTERM, which it passes on to its workers (SIGKILL would leave them behind)."""
     import signal
 
     if _PRCTL is None:
         return
     parent = os.getppid()
-    _PRCTL(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    _PRCTL(1, int(signal.SIGKILL if sig is None else sig), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     if os.getppid() != parent:
         os._exit(1)
 

@@ -4,7 +4,7 @@ Stages (nnDetection's pipeline of commands, each equal to its own command), in t
 
 ``prep``         checks, fingerprint, plans, bundle generation, preprocessing (``nndet_prep``)
 ``train``        every requested fold (``nndet_train``; a finished fold is kept, an interrupted one resumes
-                 from ``fold<X>/model_last.pt``)
+                 from ``fold<X>/model_last.pt``; several folds run as jobs, one per free GPU)
 ``sweep``        raw validation predictions and the postprocessing sweep of each fold (``nndet_sweep``)
 ``eval``         validation metrics of each fold with its swept parameters (``nndet_eval``)
 ``consolidate``  one inference bundle over the folds (``nndet_consolidate``)
@@ -124,6 +124,7 @@ def run_task(
     num_processes: int | None = None,
     overwrite: bool = False,
     device: str | None = None,
+    gpus: int = 1,
     on_stage: Callable[[str, RunResult], None] | None = None,
 ) -> RunResult:
     """Run the chain of :data:`STAGES` for ``task`` (see the module docstring).
@@ -140,6 +141,9 @@ def run_task(
         overwrite: replace outputs that exist but do not match this run (consolidated bundle and test
             predictions of another fold set); matching outputs are reused either way.
         device: ``cpu`` or ``cuda`` for inference (default CUDA when available).
+        gpus: GPUs per fold (DDP when > 1). Several folds train as separate jobs, one per free GPU (or group of
+            ``gpus``), one after another without CUDA (:func:`workflow.train.train_folds`); a failed fold does
+            not stop the others, but the run stops before the sweep and names it.
         on_stage: called after each stage with its name and the result so far (the CLI prints from it).
 
     Raises:
@@ -150,7 +154,7 @@ def run_task(
     from workflow.models import bundle_for, main_plan, trained_folds
     from workflow.predict import predict_test
     from workflow.sweep import sweep_fold
-    from workflow.train import run_training
+    from workflow.train import run_training, train_folds
 
     todo = _check_stages(stages)
     preset = _preset_of(plan, preset)
@@ -192,8 +196,10 @@ def run_task(
     def do_train() -> str:
         before = set(trained_folds(bundle))
         ov = {"num_workers": nproc, **(overrides or {})}
-        for f in folds:
-            run_training(task_name, fold=f, overrides=ov, plan=plan_id)
+        if len(folds) == 1:
+            run_training(task_name, fold=folds[0], overrides=ov, plan=plan_id, gpus=gpus)
+        else:  # one job per fold and free GPU (one after another on the CPU); consolidation waits for all
+            train_folds(task_name, folds, overrides=ov, plan=plan_id, gpus=gpus)
         return "done" if set(folds) - before else "reused"
 
     def do_sweep() -> str:

@@ -132,7 +132,8 @@ def test_all_configs_parse_with_monai_config_parser(bundle):
     assert {f.name for f in files} >= {"metadata.json", "preprocessing.json", "plan.json"}
     for f in files:
         parser = ConfigParser()
-        parser.read_config(str(f))
+        # an overlay (multi_gpu_train.json) is read as monai.bundle run reads it: after train.json
+        parser.read_config([str(f.parent / "train.json"), str(f)] if f.name.startswith("multi_gpu_") else str(f))
         parser.parse()
     verify_bundle(bundle)
     # a later config may reference ids of another config and the metadata (as `monai.bundle run` layers them)
@@ -142,6 +143,18 @@ def test_all_configs_parse_with_monai_config_parser(bundle):
     (bundle / "configs" / "inference.json").write_text(json.dumps({"net": "@no_such_component"}))
     with pytest.raises(BundleError, match="inference.json"):
         verify_bundle(bundle)
+
+
+def test_multi_gpu_overlay_is_checked_on_top_of_train_json(bundle):
+    overlay = bundle / "configs" / "multi_gpu_train.json"
+    cfg = json.loads(overlay.read_text())
+    assert cfg["train#trainer#network"] == "@ddp_network"
+    verify_bundle(bundle)
+    # an overlay id reaching into train.json must point at something that resolves there
+    overlay.write_text(json.dumps({**cfg, "train#trainer#network": "@ddp_netwrk"}))
+    with pytest.raises(BundleError, match="multi_gpu_train.json.*train#trainer#network"):
+        verify_bundle(bundle)
+    overlay.write_text(json.dumps(cfg))
 
 
 def test_preprocessing_config_instantiates_the_transform_chain(bundle, plan):

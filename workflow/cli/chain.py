@@ -106,12 +106,14 @@ def run_main(argv: list[str] | None = None) -> None:
     p.add_argument("-np", "--num_processes", type=int, default=None, help="workers for checks, preprocessing and "
                    "data loading (default det_num_threads)")
     p.add_argument("--device", default=None, help="cpu or cuda for inference (default: cuda when available)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per fold (DDP when > 1); folds run in parallel, one "
+                   "per free GPU (or group of --gpus), one after another without CUDA")
     p.add_argument("--overwrite", action="store_true", help="replace a consolidated bundle or test predictions "
                    "made from another fold set (otherwise the run stops and names them)")
     a = p.parse_args(argv)
     setup_logging()
     run_chain(a.task, folds=a.folds, plan=a.plan, preset=a.preset, overrides=parse_overrides(a.overrides),
               stages=a.stages, num_tta=a.num_tta, num_processes=a.num_processes, device=a.device,
-              overwrite=a.overwrite)
+              overwrite=a.overwrite, gpus=a.gpus)
 
 

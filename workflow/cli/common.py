@@ -53,7 +53,9 @@ def run_api(fn, *args, **kwargs):
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
     except RuntimeError as e:
-        if type(e).__name__ != "CasesFailed":  # a bundle's scripts.predict.CasesFailed: the rest was written
+        # a bundle's scripts.predict.CasesFailed (the rest was written), workflow.train's FoldsFailed (the other
+        # folds ran) and TorchrunFailed (torchrun's own report is above): the message is the whole story
+        if type(e).__name__ not in ("CasesFailed", "FoldsFailed", "TorchrunFailed"):
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from e

@@ -12,12 +12,13 @@ from workflow.cli.common import parse_overrides, print_metrics, print_sweep, run
 
 # --------------------------------------------------------------------------------------- train
 def train(task: str, overrides: dict[str, str] | None = None, fold: int | None = None, model: str | None = None,
-          plan: str | None = None, resume: bool = True, tracking: str | None = None) -> Path:
-    """Train one fold of a task's generated bundle (``python -m monai.bundle run training`` underneath)."""
+          plan: str | None = None, resume: bool = True, tracking: str | None = None, **ddp) -> Path:
+    """Train one fold of a task's generated bundle (``python -m monai.bundle run training`` underneath; with
+    ``gpus``/``nnodes`` in ``ddp``, torchrun over configs/multi_gpu_train.json)."""
     from workflow.train import run_training
 
     fold_dir = run_api(run_training, task, fold=0 if fold is None else fold, overrides=overrides, model=model,
-                    plan=plan, resume=resume, tracking=tracking)
+                    plan=plan, resume=resume, tracking=tracking, **ddp)
     print(f"fold trained: {fold_dir}")
     for name in ("model_last.pt", "model_best.pt", "train_log.json", "training_curves.png"):
         if (fold_dir / name).is_file():
@@ -32,13 +33,24 @@ def train_main(argv: list[str] | None = None) -> None:
                     "A rerun resumes from fold<X>/model_last.pt.",
         epilog="examples:\n  nndet_train 000 -o exp.fold=0\n  nndet_train 000 --plan D3V001CPU_3d -o epochs=10 "
                "-o iterations=50 -o warmup=50 -o swa_epochs=2\n  nndet_train 101 -o exp.fold=3 -o lr=0.005 "
-               "--tracking mlflow",
+               "--tracking mlflow\n  nndet_train 000 --fold 0 --gpus 4            # DDP on 4 GPUs (torchrun)\n"
+               "  nndet_train 000 --folds 0 1 2 3 4          # one fold per free GPU (one after another on a CPU)\n"
+               "  nndet_train 000 --fold 0 --gpus 8 --nnodes 2 --node_rank 0 --rdzv_endpoint node0:29500\n"
+               "multi-node and SLURM: docs/distributed.md",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", help="task id or name: 000, Task000 or Task000D3_Example")
     p.add_argument("-o", "--overrides", action="append",
                    help="key=value of configs/train.json ids, nnDetection's exp.fold=X included "
                         "(epochs, iterations, warmup, swa_epochs, lr, batch_size, num_workers, amp, seed, ...)")
     p.add_argument("--fold", type=int, default=None, help="fold index (same as -o exp.fold=X)")
+    p.add_argument("--folds", type=int, nargs="+", default=None,
+                   help="several folds, each its own process: one per free GPU (or group of --gpus GPUs), one after "
+                        "another without CUDA; a summary table at the end, a failed fold does not stop the others")
+    p.add_argument("--gpus", type=int, default=1, help="DDP processes per node (torchrun; one per GPU, CPU "
+                   "processes with gloo on a machine without CUDA); the plan's batch is the global batch")
+    p.add_argument("--nnodes", type=int, default=1, help="machines of a multi-node DDP run (docs/distributed.md)")
+    p.add_argument("--node_rank", type=int, default=0, help="this machine's rank, 0..nnodes-1")
+    p.add_argument("--rdzv_endpoint", default=None, help="HOST:PORT of node 0 for a multi-node run")
     p.add_argument("--plan", default=None, help="plan id, e.g. D3V001_3d, D3V001_3dlr1, D3V001CPU_3d (default: main plan)")
     p.add_argument("--model", default=None, help="model folder under $det_models/<task> (instead of --plan)")
     p.add_argument("--no_resume", action="store_true", help="start over even if fold<X>/model_last.pt exists")
@@ -48,16 +60,30 @@ def train_main(argv: list[str] | None = None) -> None:
                    "sweep the postprocessing parameters and evaluate (nndet_sweep + nndet_eval)")
     a = p.parse_args(argv)
     setup_logging()
-    fold_dir = train(a.task, overrides=parse_overrides(a.overrides), fold=a.fold, model=a.model, plan=a.plan,
-                     resume=not a.no_resume, tracking=a.tracking)
-    if a.sweep:
+    overrides = parse_overrides(a.overrides)
+    if a.folds is not None and len(set(a.folds)) > 1:
+        from workflow.models import bundle_for
+        from workflow.train import train_folds
+
+        if a.fold is not None or a.nnodes > 1 or a.tracking:
+            p.error("--folds runs each fold as its own job: drop --fold, --nnodes and --tracking")
+        run_api(train_folds, a.task, a.folds, overrides=overrides, model=a.model, plan=a.plan,
+                resume=not a.no_resume, gpus=a.gpus)
+        fold_dirs = [run_api(bundle_for, a.task, a.model, a.plan) / f"fold{f}" for f in a.folds]
+    else:
+        fold = a.folds[0] if a.folds else a.fold
+        fold_dirs = [train(a.task, overrides=overrides, fold=fold, model=a.model, plan=a.plan,
+                           resume=not a.no_resume, tracking=a.tracking, gpus=a.gpus, nnodes=a.nnodes,
+                           node_rank=a.node_rank, rdzv_endpoint=a.rdzv_endpoint)]
+    if a.sweep and a.node_rank == 0:
         from workflow.evaluate import evaluate_fold
         from workflow.sweep import sweep_fold
 
-        fold = int(fold_dir.name[4:])
-        res = run_api(sweep_fold, a.task, fold, model=fold_dir.parent.name)
-        print_sweep(res, fold)
-        print_metrics(run_api(evaluate_fold, a.task, fold, model=fold_dir.parent.name), fold_dir / "val_results")
+        for fold_dir in fold_dirs:
+            fold = int(fold_dir.name[4:])
+            res = run_api(sweep_fold, a.task, fold, model=fold_dir.parent.name)
+            print_sweep(res, fold)
+            print_metrics(run_api(evaluate_fold, a.task, fold, model=fold_dir.parent.name), fold_dir / "val_results")
 
 
 # ------------------------------------------------------------------------- sweep, eval, predict

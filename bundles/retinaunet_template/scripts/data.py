@@ -32,7 +32,7 @@ from scipy.ndimage import find_objects
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from planner.io import load_json
-from planner.paths import num_threads
+from planner.paths import local_processes, num_threads
 
 from .augment import DetectionAugmentation
 
@@ -232,7 +232,14 @@ class OversamplingBatchSampler(Sampler):
     random crop, the rest a random instance drawn uniformly over all instances of the dataset, placed
     wholly inside the patch at a random offset. Epoch ``e`` is drawn from ``seed`` and ``e`` only, so
     :meth:`set_epoch` (e.g. on resume) reproduces any epoch; each ``__iter__`` advances the epoch.
+
+    Under DDP every rank draws the same global batches and yields its share, samples ``rank::world_size``
+    (strided, so each rank gets random and foreground patches alike); the union over ranks is the
+    single-process batch. ``batch_size`` is the global batch (rounded up to a multiple of ``world_size``).
     """
+
+    # ours, not torch's DistributedSampler: that one shards a fixed index list per epoch, while these batches are
+    # drawn (with replacement, foreground-oversampled) from (seed, epoch) and must be the same for any world size
 
     def __init__(
         self,
@@ -242,9 +249,19 @@ class OversamplingBatchSampler(Sampler):
         num_batches: int,
         oversample_foreground: float = 0.5,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.num_cases, self.instances = num_cases, list(instances)
-        self.batch_size, self.num_batches = int(batch_size), int(num_batches)
+        self.rank, self.world_size = int(rank), int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        # the global batch: the plan's, grown to a multiple of the ranks (scripts.distributed's rule)
+        self.batch_size = self.world_size * max(1, -(-int(batch_size) // self.world_size))
+        if self.batch_size != int(batch_size):
+            logger.warning("batch size %d does not split over %d processes: global batch %d (%d per process)",
+                           int(batch_size), self.world_size, self.batch_size, self.batch_size // self.world_size)
+        self.num_batches = int(num_batches)
         self.oversample_foreground, self.seed, self.epoch = oversample_foreground, int(seed), 0
         if not self.instances and oversample_foreground > 0:
             logger.warning("no instances in the training cases: every patch is a random crop")
@@ -268,16 +285,25 @@ class OversamplingBatchSampler(Sampler):
                 else:
                     c, k = self.instances[int(rng.integers(len(self.instances)))]
                     batch.append((FOREGROUND, c, k, seed))
-            yield batch
+            yield batch[self.rank :: self.world_size]
 
 
 class FixedBatchSampler(Sampler):
-    """Deterministic validation requests: a centre crop per case, then a crop centred on each instance."""
+    """Deterministic validation requests: a centre crop per case, then a crop centred on each instance.
 
-    def __init__(self, num_cases: int, instances: Sequence[tuple[int, int]], batch_size: int):
+    Under DDP rank ``r`` of ``world_size`` takes requests ``r::world_size`` of that list.
+    """
+
+    def __init__(self, num_cases: int, instances: Sequence[tuple[int, int]], batch_size: int, rank: int = 0,
+                 world_size: int = 1):
         reqs = [(CENTRE, c, -1, 0) for c in range(num_cases)] + [
             (FOREGROUND_CENTRE, c, k, 0) for c, k in instances
         ]
+        if len(reqs) < world_size:
+            raise ValueError(f"{len(reqs)} validation patches cannot be shared by {world_size} processes; "
+                             "train with fewer processes (--gpus) or give the fold more validation cases")
+        #: this rank's requests are ``rank::world_size`` of the list (``PatchDetectionMetrics`` re-interleaves them)
+        reqs = reqs[rank::world_size]
         self.batches = [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)]
 
     def __len__(self) -> int:
@@ -304,7 +330,8 @@ def _worker_init(worker_id: int) -> None:
 
 
 def _loader(dataset: PatchDataset, sampler: Sampler, num_workers: int | None, seed: int) -> DataLoader:
-    workers = num_threads() if num_workers is None else int(num_workers)
+    # det_num_threads is the machine's budget: torchrun's processes on one machine share it
+    workers = num_threads() // local_processes() if num_workers is None else int(num_workers)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -333,6 +360,8 @@ def make_train_loader(
     oversample_foreground: float = 0.5,
     augment: DetectionAugmentation | bool = True,
     seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """Training loader: ``num_batches`` oversampled, augmented batches per epoch (see :func:`collate_detection`).
 
@@ -347,12 +376,13 @@ def make_train_loader(
         augment: an augmentation object, ``True`` for nnDetection's "base_more" defaults, ``False`` for none.
         seed: the run's seed; the same seed gives the same batches (call ``loader.batch_sampler.set_epoch``
             when resuming at a later epoch).
+        rank, world_size: this process's share of each global batch under DDP (see ``OversamplingBatchSampler``).
     """
     if augment is True:
         augment = DetectionAugmentation(dim=len(patch_size))
     ds = PatchDataset(_images_dir(preprocessed_dir), case_ids, patch_size, augment or None)
     sampler = OversamplingBatchSampler(
-        len(ds.case_ids), ds.instances, batch_size, num_batches, oversample_foreground, seed
+        len(ds.case_ids), ds.instances, batch_size, num_batches, oversample_foreground, seed, rank, world_size
     )
     return _loader(ds, sampler, num_workers, seed)
 
@@ -363,10 +393,12 @@ def make_val_loader(
     patch_size: Sequence[int],
     batch_size: int,
     num_workers: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """Deterministic patch validation: a centre crop of each case, then a crop centred on each instance
-    (no augmentation; ``ceil((cases + instances) / batch_size)`` batches)."""
+    (no augmentation; ``ceil((cases + instances) / batch_size)`` batches; under DDP this rank's share)."""
     ds = PatchDataset(_images_dir(preprocessed_dir), case_ids, patch_size, None)
-    sampler = FixedBatchSampler(len(ds.case_ids), ds.instances, batch_size)
-    workers = num_threads() if num_workers is None else int(num_workers)
+    sampler = FixedBatchSampler(len(ds.case_ids), ds.instances, batch_size, rank, world_size)
+    workers = num_threads() // local_processes() if num_workers is None else int(num_workers)
     return _loader(ds, sampler, min(workers, len(sampler)), seed=0)

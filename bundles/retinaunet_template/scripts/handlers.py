@@ -22,6 +22,7 @@ from torch import nn
 
 from planner.io import apply_umask, atomic_path, load_json, save_json
 
+from . import distributed
 from .trainer import patch_detection_metrics
 
 logger = logging.getLogger(__name__)
@@ -247,6 +248,8 @@ class FoldCheckpoint:
         save_dict: name -> object with ``state_dict`` / ``load_state_dict`` (must include ``network``).
         validator: evaluator whose ``state.metrics[key_metric]`` ranks checkpoints (None: no best file).
         key_metric: metric name (higher is better).
+        write: write the files (False on DDP ranks other than 0: they still track the best metric and give
+            ``CheckpointLoader`` the progress to resume from).
     """
 
     # ours, written with ignite's atomic DiskSaver: MONAI's CheckpointSaver saves with DiskSaver(atomic=False)
@@ -254,13 +257,16 @@ class FoldCheckpoint:
     # stores only state_dict() entries (no plain epoch/finished keys) and fails on epochs without the key metric
 
     def __init__(self, output_dir: str | os.PathLike, save_dict: dict[str, Any], validator=None,
-                 key_metric: str = KEY_METRIC) -> None:
+                 key_metric: str = KEY_METRIC, write: bool = True) -> None:
         from ignite.handlers import DiskSaver
 
         if "network" not in save_dict:
             raise ValueError(f"save_dict needs a 'network' entry, got {sorted(save_dict)}")
         self.dir, self.save_dict, self.validator = Path(output_dir), dict(save_dict), validator
         self.key_metric, self.best_metric, self.best_epoch = key_metric, -math.inf, -1
+        self.write = bool(write)
+        # made on every rank: under torch.distributed ignite's first rank query is a collective (a new group);
+        # ignite checks and creates the folder on rank 0 only
         self.saver = DiskSaver(self.dir, atomic=True, create_dir=True, require_empty=False)
         self.engine = None
 
@@ -308,11 +314,12 @@ class FoldCheckpoint:
         metric = None if self.validator is None else self.validator.state.metrics.get(self.key_metric)
         if metric is not None and float(metric) > self.best_metric:
             self.best_metric, self.best_epoch = float(metric), int(engine.state.epoch)
-            self.saver({"network": self.save_dict["network"].state_dict(), "epoch": self.best_epoch,
-                        "key_metric": self.key_metric, "metric": self.best_metric}, BEST_FILE)
-            apply_umask(self.best_file)  # ignite makes it 0600 | group/other read, whatever the umask
-            logger.info("new best %s=%.4f at epoch %d: %s", self.key_metric, self.best_metric, self.best_epoch,
-                        self.best_file)
+            if self.write:
+                self.saver({"network": self.save_dict["network"].state_dict(), "epoch": self.best_epoch,
+                            "key_metric": self.key_metric, "metric": self.best_metric}, BEST_FILE)
+                apply_umask(self.best_file)  # ignite makes it 0600 | group/other read, whatever the umask
+                logger.info("new best %s=%.4f at epoch %d: %s", self.key_metric, self.best_metric,
+                            self.best_epoch, self.best_file)
         self.save_last(finished=False)
 
     def completed(self, engine) -> None:
@@ -320,6 +327,8 @@ class FoldCheckpoint:
         self.save_last(finished=engine.state.epoch >= engine.state.max_epochs)
 
     def save_last(self, finished: bool) -> None:
+        if not self.write:
+            return
         progress = self.state_dict(finished)
         state = {name: obj.state_dict() for name, obj in self.save_dict.items()}
         state.update(progress=progress, epoch=progress["epoch"], iteration=progress["iteration"],
@@ -332,7 +341,8 @@ class FoldCheckpoint:
 class PatchDetectionMetrics:
     """Evaluator handler: collects ``DetectionValStep`` outputs over an epoch, then writes ``val_loss`` (and
     parts), the COCO metrics (``scripts.trainer.patch_detection_metrics``) and ``seg_dice`` into
-    ``engine.state.metrics``.
+    ``engine.state.metrics``. Under DDP the patches of every rank are gathered first, so every rank holds the
+    metrics of the whole validation set (a collective: all ranks validate).
 
     Args:
         classes: class names (or their count / the dataset's label dict).
@@ -362,7 +372,24 @@ class PatchDetectionMetrics:
                 self.losses[k] = (s + out[k] * n, c + n)
         self.counts += np.asarray(out["dice_counts"])
 
+    def _gather(self) -> None:
+        """Under DDP: every rank's patches, back in the single-process order (rank r held patches r::N)."""
+        parts = distributed.all_gather((self.dets, self.gts, self.losses, self.counts))
+        if len(parts) == 1:
+            return
+        n = sum(len(p[0]) for p in parts)
+        world = len(parts)
+        self.dets = [parts[i % world][0][i // world] for i in range(n)]
+        self.gts = [parts[i % world][1][i // world] for i in range(n)]
+        losses: dict[str, tuple[float, int]] = {}
+        for p in parts:
+            for k, (s, c) in p[2].items():
+                s0, c0 = losses.get(k, (0.0, 0))
+                losses[k] = (s0 + s, c0 + c)
+        self.losses, self.counts = losses, sum(p[3] for p in parts)
+
     def _compute(self, engine) -> None:
+        self._gather()
         metrics = {f"val_{'loss' if k == 'loss' else k + '_loss'}": s / max(c, 1)
                    for k, (s, c) in self.losses.items()}
         metrics.update(patch_detection_metrics(self.dets, self.gts, self.classes))

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
+
 logger = logging.getLogger(__name__)
 
 NORM_TYPES = (
@@ -152,6 +154,11 @@ class LinearWarmupPoly(torch.optim.lr_scheduler.LRScheduler):
 
 
 # ------------------------------------------------------------------------------------ iteration steps
+def step_seed(seed: int, iteration: int, rank: int = 0) -> int:
+    """Seed of the torch RNG before step ``iteration`` of process ``rank`` (rank 0: the single-process seed)."""
+    return int(seed) * 1_000_003 + int(iteration) + int(rank) * 2**40
+
+
 def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, list[dict], torch.Tensor]:
     nb = device.type == "cuda"
     images = batch["image"].to(device, non_blocking=nb)
@@ -174,7 +181,12 @@ class DetectionTrainStep:
         seed: the global torch RNG is reseeded from (seed, iteration) before each step.
 
     Returns (per step, in ``engine.state.output``): floats ``loss`` (sum), ``cls``, ``reg``, ``seg_ce``,
-    ``seg_dice`` and ``lr`` (the rate this step used).
+    ``seg_dice`` and ``lr`` (the rate this step used); under DDP the losses are means over the ranks.
+
+    Under DDP ``engine.network`` is the ``DistributedDataParallel`` wrapper (``configs/multi_gpu_train.json``);
+    each rank's losses are normalised over its own share of the batch (positives, sampled anchors, batch Dice),
+    and DDP averages the gradients, so a step is the single-process step up to those normalisers and the
+    hard-negative draw (seeded per rank).
     """
 
     def __init__(self, lr_scheduler, scaler: torch.amp.GradScaler, amp: bool = True, seed: int = 0) -> None:
@@ -182,7 +194,7 @@ class DetectionTrainStep:
         self.nonfinite = 0
 
     def __call__(self, engine, batch: dict) -> dict[str, float]:
-        torch.manual_seed(self.seed * 1_000_003 + int(engine.state.iteration))
+        torch.manual_seed(step_seed(self.seed, int(engine.state.iteration), distributed.rank()))
         model, optimizer, device = engine.network, engine.optimizer, engine.state.device
         model.train()
         images, targets, seg = _to_device(batch, device)
@@ -191,7 +203,9 @@ class DetectionTrainStep:
         with _autocast(device, self.amp):
             losses = model(images, targets, seg)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
+        # under DDP the skip is decided together: a rank that skipped backward would leave the others waiting
+        # in the gradient all-reduce
+        if not distributed.all_true(bool(torch.isfinite(loss))):
             self.nonfinite += 1
             logger.warning("non-finite loss at iteration %d (%s): step skipped", engine.state.iteration,
                            {k: float(v) for k, v in losses.items()})
@@ -206,7 +220,9 @@ class DetectionTrainStep:
             self.scaler.step(optimizer)
             self.scaler.update()
         self.lr_scheduler.step()
-        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}, "lr": lr}
+        out = distributed.mean_over_ranks({"loss": float(loss.detach()), **{k: float(v.detach())
+                                                                              for k, v in losses.items()}})
+        return {**out, "lr": lr}
 
 
 class DetectionValStep:
@@ -223,7 +239,7 @@ class DetectionValStep:
         self.amp = amp
 
     def __call__(self, engine, batch: dict) -> dict[str, Any]:
-        model, device = engine.network, engine.state.device
+        model, device = distributed.unwrap(engine.network), engine.state.device
         model.eval()
         images, targets, seg = _to_device(batch, device)
         captured: dict = {}
