@@ -37,9 +37,9 @@ class DetectionApp(Application):
     """The MONAI Deploy application; build it with :meth:`configure` before ``run()``."""
 
     def configure(self, input_dir: Path, output_dir: Path, model: pipeline.Model, rules: dict,
-                  overwrite: bool = False) -> DetectionApp:
+                  overwrite: bool = False, report_file: Path | None = None) -> DetectionApp:
         self.input_dir, self.output_dir, self.model, self.rules = Path(input_dir), Path(output_dir), model, rules
-        self.overwrite = overwrite
+        self.overwrite, self.report_file = overwrite, report_file
         self.writer: WriterOperator | None = None
         return self
 
@@ -50,7 +50,7 @@ class DetectionApp(Application):
         volumes = VolumeOperator(self, model=self.model, name="volume_builder")
         detector = DetectionOperator(self, model=self.model, name="detector")
         self.writer = WriterOperator(self, model=self.model, output_folder=self.output_dir, selector=selector,
-                                     overwrite=self.overwrite, name="writer")
+                                     overwrite=self.overwrite, report_file=self.report_file, name="writer")
         self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
         self.add_flow(selector, volumes, {("study_selected_series_list", "study_selected_series_list")})
         self.add_flow(volumes, detector, {("volumes", "volumes")})
@@ -87,6 +87,9 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m apps.de
     p.add_argument("--num_tta", type=int, default=None, help="mirror TTA per fold (1, 4 or 8; default the bundle's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a series' existing output folder")
+    p.add_argument("--processes", "--gpus", dest="processes", type=int, default=1, metavar="N",
+                   help="split the series over N processes, one per GPU (cuda:0..N-1), or N CPU processes when there "
+                        "is no GPU (or with --device cpu); series with outputs are not predicted again (default 1)")
     p.add_argument("-l", "--log-level", dest="log_level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p.parse_args(argv)
@@ -103,12 +106,13 @@ def _path(value: str | None, env: str, what: str, must_exist: bool = True) -> Pa
 
 
 def run_app(input_dir: Path, output_dir: Path, model: pipeline.Model, rules: dict,
-            overwrite: bool = False) -> list[pipeline.SeriesResult]:
-    """Run the Deploy application on one input folder; returns the series results (also in report.json)."""
+            overwrite: bool = False, report_file: Path | None = None) -> list[pipeline.SeriesResult]:
+    """Run the Deploy application on one input folder; returns the series results (also in report.json, or in
+    ``report_file``)."""
     if not any(f.is_file() for f in Path(input_dir).rglob("*")):
         raise FileNotFoundError(f"{input_dir}: no file to read (expected the DICOM instances of a study)")
     output_dir.mkdir(parents=True, exist_ok=True)
-    app = DetectionApp().configure(input_dir, output_dir, model, rules, overwrite)
+    app = DetectionApp().configure(input_dir, output_dir, model, rules, overwrite, report_file)
     app.run()
     return list(app.writer.results) if app.writer is not None else []
 
@@ -123,8 +127,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m apps.detect_d
         output_dir = _path(a.output, ENV_OUTPUT, "output folder", must_exist=False)
         bundle = resolve_bundle(_path(a.model, ENV_MODEL, "model (consolidated bundle)"))
         rules = load_rules(a.rules)
-        model = pipeline.load_model(bundle, num_tta=a.num_tta, device=a.device, operating_point=a.operating_point)
-        results = run_app(input_dir, output_dir, model, rules, a.overwrite)
+        if a.processes > 1:
+            from apps.detect_dicom.batch import run_sharded
+
+            results = run_sharded(run_app, input_dir, output_dir, bundle, rules, a.processes, num_tta=a.num_tta,
+                                  device=a.device, operating_point=a.operating_point, overwrite=a.overwrite)
+        else:
+            model = pipeline.load_model(bundle, num_tta=a.num_tta, device=a.device, operating_point=a.operating_point)
+            results = run_app(input_dir, output_dir, model, rules, a.overwrite)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

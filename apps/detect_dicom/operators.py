@@ -63,14 +63,16 @@ class DetectionOperator(Operator):
 
 
 class WriterOperator(Operator):
-    """SR + SEG + JSON per detected series into ``<output>/<SeriesInstanceUID>/`` and ``<output>/report.json``.
+    """SR + SEG + JSON per detected series into ``<output>/<SeriesInstanceUID>/`` and ``<output>/report.json``
+    (or ``report_file``).
 
     ``self.results`` holds the series results of the last run (the CLI prints and returns them).
     """
 
     def __init__(self, fragment: Fragment, *args, model: pipeline.Model, output_folder: Path, selector=None,
-                 overwrite: bool = False, **kwargs) -> None:
+                 overwrite: bool = False, report_file: Path | None = None, **kwargs) -> None:
         self.model, self.output_folder, self.selector, self.overwrite = model, Path(output_folder), selector, overwrite
+        self.report_file = report_file
         self.results: list[pipeline.SeriesResult] = []
         super().__init__(fragment, *args, **kwargs)
 
@@ -84,4 +86,4 @@ class WriterOperator(Operator):
                 pipeline.write_step(volume, findings, self.model, self.output_folder, result, self.overwrite)
             self.results.append(result)
         skipped = getattr(self.selector, "skipped", [])
-        pipeline.write_report(self.results, self.model, self.output_folder, skipped)
+        pipeline.write_report(self.results, self.model, self.output_folder, skipped, path=self.report_file)

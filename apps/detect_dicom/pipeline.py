@@ -270,9 +270,10 @@ def process_series(datasets: Sequence[Any], model: Model, out_root: str | Path,
 
 
 def write_report(results: Sequence[SeriesResult], model: Model, out_root: str | Path,
-                 skipped: Sequence[Mapping[str, str]] = ()) -> Path:
-    """``<out_root>/report.json``: per series its status, reason, counts and outputs; series not selected."""
-    out = Path(out_root) / REPORT_NAME
+                 skipped: Sequence[Mapping[str, str]] = (), path: str | Path | None = None) -> Path:
+    """``<out_root>/report.json`` (or ``path``): per series its status, reason, counts and outputs; series not
+    selected."""
+    out = Path(path) if path is not None else Path(out_root) / REPORT_NAME
     save_json({"model": model.name, "model_version": model.version, "bundle": str(model.bundle),
                "operating_point": model.operating_point, "series": [r.to_dict() for r in results],
                "not_selected": list(skipped)}, out)

@@ -173,6 +173,9 @@ def predict_main(argv: list[str] | None = None) -> None:
     p.add_argument("--input_dir", default=None, help="any folder of raw NIfTI cases (<case>_0000.nii.gz per "
                    "modality) instead of the preprocessed imagesTs")
     p.add_argument("--output_dir", default=None, help="with --input_dir: where <case>_boxes.json go")
+    p.add_argument("--gpus", type=int, default=1, metavar="N", help="split the cases over N processes, one per GPU "
+                   "(cuda:0..N-1), or N CPU processes (cores // N threads each) when there is no GPU; each case is "
+                   "written once, a rerun does the missing ones (default 1: this process)")
     a = p.parse_intermixed_args(argv)
     setup_logging()
     from workflow.predict import predict_dir, predict_test
@@ -186,11 +189,11 @@ def predict_main(argv: list[str] | None = None) -> None:
                              "are always preprocessed in memory)")
         out = run_api(predict_dir, a.task, a.input_dir, a.output_dir, model=a.model, plan=a.plan, folds=folds,
                    num_tta=a.num_tta, overwrite=a.overwrite, check=a.check,
-                   num_processes=a.num_processes_preprocessing)
+                   num_processes=a.num_processes_preprocessing, gpus=a.gpus)
     else:
         out = run_api(predict_test, a.task, model=a.model, plan=a.plan, folds=folds, num_tta=a.num_tta,
                    overwrite=a.overwrite, preprocess=not a.no_preprocess, check=a.check,
-                   num_processes_preprocessing=a.num_processes_preprocessing, force_args=a.force_args)
+                   num_processes_preprocessing=a.num_processes_preprocessing, force_args=a.force_args, gpus=a.gpus)
     print(f"predictions: {out}")
 
 
