@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from monai.deploy.core.domain import StudySelectedSeries
 from monai.deploy.operators import DICOMSeriesSelectorOperator
 
 logger = logging.getLogger(__name__)
@@ -61,21 +62,33 @@ class SeriesSelector(DICOMSeriesSelectorOperator):
 
     def filter(self, selection_rules, dicom_study_list, all_matched: bool = True,
                sort_by_sop_instance_count: bool = False):
-        selected = super().filter(selection_rules, dicom_study_list, True, sort_by_sop_instance_count)
+        """The SDK's matches of every selection, less the series our rules exclude and repeats, per study.
+
+        ``StudySelectedSeries.selected_series`` is a new flat list on every access (the SDK keeps the series in
+        a private dict by selection name), so the kept series go into new ``StudySelectedSeries`` objects;
+        studies left without a series are dropped. Sets ``self.skipped`` (a series one selection excludes and
+        another takes is selected, not skipped).
+
+        Returns:
+            list[StudySelectedSeries]: one per study with a kept series, in the SDK's order.
+        """
+        matched = super().filter(selection_rules, dicom_study_list, True, sort_by_sop_instance_count)
         by_name = {str(s.get("name", "")).strip(): s for s in self.rules["selections"]}
         self.skipped = []
         kept_uids = set()
-        for study_sel in selected:
-            keep = []
+        selected = []
+        for study_sel in matched:
+            kept = StudySelectedSeries(study_sel.study, study_sel.metadata())
             for sel in study_sel.selected_series:
                 why = self._extra_rule_failure(by_name.get(sel.selection_name, {}), sel.series)
                 uid = str(sel.series.SeriesInstanceUID)
                 if why is None and uid not in kept_uids:
-                    keep.append(sel)
+                    kept.add_selected_series(sel)
                     kept_uids.add(uid)
                 elif why is not None:
                     self.skipped.append(_skip(sel.series, why))
-            study_sel.selected_series[:] = keep
+            selected.append(kept)
+        self.skipped = [s for s in self.skipped if s["series_instance_uid"] not in kept_uids]  # another one took it
         for study in dicom_study_list or []:
             for series in study.get_all_series():
                 uid = str(series.SeriesInstanceUID)

@@ -107,6 +107,8 @@ def test_every_series_gets_a_status_and_bad_ones_a_reason(study, app_run):
     assert "missing" in by_uid[uids["missing"]]["reason"] and uids["missing"] in by_uid[uids["missing"]]["reason"]
     skipped = {s["series_instance_uid"]: s["reason"] for s in report["not_selected"]}
     assert "description_excludes" in skipped[uids["scout"]]
+    assert uids["scout"] not in by_uid and not (out / uids["scout"]).exists()  # not predicted, nothing written
+    assert not set(by_uid) & set(skipped)  # a series is either processed or not selected
     assert rc == 1  # one selected series was refused
     assert not (out / uids["missing"]).exists()  # no finding for a refused series
     for name in ("axial", "oblique"):
