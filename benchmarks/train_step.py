@@ -6,6 +6,7 @@ Usage (from the repo root):
     python benchmarks/train_step.py --preset cpu --size 96 --steps 20   # a quick CPU run
     python benchmarks/train_step.py --preset cpu --size 96 --ddp 1      # DDP overhead at N=1 vs plain steps
     python benchmarks/train_step.py --ddp 8                             # GPU: throughput 1 vs 8 GPUs, efficiency
+    python benchmarks/train_step.py --preset cpu --size 64 --precision  # float32 vs bfloat16 autocast steps
 
 ``--ddp 1`` times plain steps and steps through a ``DistributedDataParallel`` wrapper (a one-process gloo or
 NCCL group) alternately on the same batches, so both see the same machine load; the overhead is the ratio of
@@ -26,6 +27,7 @@ utilisation sampled through NVML when ``pynvml`` is installed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -82,6 +84,17 @@ def load_objects(bundle: Path, workers: int, iterations: int, rank: int = 0, wor
             ("device", "network", "optimizer", "train#dataloader", "train#step")}
 
 
+@contextlib.contextmanager
+def bench_task(args):
+    """The synthetic task of ``args`` in a temporary ``det_data``: yields (task, plan, bundle, loader workers)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["det_data"], os.environ["det_models"] = f"{tmp}/data", f"{tmp}/models"
+        Path(f"{tmp}/data").mkdir()
+        task, plan, bundle = make_task(Path(f"{tmp}/data"), args.size, args.cases, args.preset)
+        yield task, plan, bundle, (args.workers if args.workers is not None
+                                   else int(os.environ.get("det_num_threads", 6)))
+
+
 def _free_port() -> int:
     import socket
 
@@ -112,7 +125,6 @@ def _ddp_step_times(network, step, engine, loader_iter, steps: int, warmup: int,
 
 def ddp_overhead(bundle: Path, workers: int, steps: int, warmup: int) -> tuple[float, float]:
     """(plain, DDP N=1) median step seconds, measured alternately in blocks of 5 on the same loader."""
-    import torch
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -173,15 +185,47 @@ def ddp_scaling(bundle: Path, world: int, workers: int, steps: int, warmup: int)
         return json.loads(Path(out).read_text())["step_s"]
 
 
+def run_precision(args) -> None:
+    """float32 against autocast (bfloat16 on this CPU, float16 on CUDA) on the same network and loader, timed
+    alternately in blocks of 5 steps so that both see the same machine load."""
+    import torch
+
+    from bundles.retinaunet_template.scripts.precision import amp_dtype
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with bench_task(args) as (task, plan, bundle, workers):
+        objs = load_objects(bundle, workers, 2 * (args.steps + args.warmup) + 20)
+        device, network, step = objs["device"], objs["network"], objs["train#step"]
+        use_cpu_threads(device)
+        dtype = amp_dtype(device, True)
+        if dtype is None:
+            print(f"no autocast dtype on {device} (see scripts/precision.py): nothing to compare")
+            return
+        engine = SimpleNamespace(network=network, optimizer=objs["optimizer"],
+                                 state=SimpleNamespace(device=device, iteration=0))
+        it = iter(objs["train#dataloader"])
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for amp in (False, True):  # warm-up of both (oneDNN builds its kernels per dtype and shape)
+            step.amp = amp
+            _ddp_step_times(network, step, engine, it, 0, args.warmup, False)
+        for _ in range(max(1, args.steps // 5)):
+            for amp in (False, True):
+                step.amp = amp
+                times[amp].append(_ddp_step_times(network, step, engine, it, 5, 0, False))
+        f32, mixed = statistics.median(times[False]), statistics.median(times[True])
+        name = str(dtype).replace("torch.", "")
+        print(f"\ntask {task}, plan {plan.plan_id}: patch {plan.patch_size}, batch {plan.batch_size}, device {device}, "
+              f"{torch.get_num_threads()} torch threads, {args.steps} timed steps per setting\n")
+        print("| precision | step (median) | vs float32 |\n|---|---|---|")
+        print(f"| float32 | {f32 * 1e3:.0f} ms | 1.00 |")
+        print(f"| {name} autocast | {mixed * 1e3:.0f} ms | **{f32 / mixed:.2f}x** |")
+
+
 def run_ddp(args) -> None:
     import torch
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["det_data"], os.environ["det_models"] = f"{tmp}/data", f"{tmp}/models"
-        Path(f"{tmp}/data").mkdir()
-        task, plan, bundle = make_task(Path(f"{tmp}/data"), args.size, args.cases, args.preset)
-        workers = args.workers if args.workers is not None else int(os.environ.get("det_num_threads", 6))
+    with bench_task(args) as (task, plan, bundle, workers):
         plain, ddp1 = ddp_overhead(bundle, workers, args.steps, args.warmup)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         print(f"\ntask {task}, plan {plan.plan_id}: patch {plan.patch_size}, global batch {plan.batch_size}, "
@@ -206,11 +250,7 @@ def run(args) -> None:
     import torch
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["det_data"], os.environ["det_models"] = f"{tmp}/data", f"{tmp}/models"
-        Path(f"{tmp}/data").mkdir()
-        task, plan, bundle = make_task(Path(f"{tmp}/data"), args.size, args.cases, args.preset)
-        workers = args.workers if args.workers is not None else int(os.environ.get("det_num_threads", 6))
+    with bench_task(args) as (task, plan, bundle, workers):
         objs = load_objects(bundle, workers, max(args.steps + args.warmup, args.loader_batches))
         device, network, loader, step = objs["device"], objs["network"], objs["train#dataloader"], objs["train#step"]
 
@@ -274,8 +314,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=None, help="loader workers (default det_num_threads or 6)")
     p.add_argument("--ddp", type=int, default=0, help="N >= 1: DDP overhead at N=1 vs plain steps, and with N > 1 "
                    "the throughput of N processes (one per GPU) and the scaling efficiency")
+    p.add_argument("--precision", action="store_true", help="float32 vs autocast (bfloat16 on a CPU with native "
+                   "support, float16 on CUDA) training steps, alternately on the same batches")
     args = p.parse_args(argv)
-    run_ddp(args) if args.ddp else run(args)
+    if args.precision:
+        run_precision(args)
+    elif args.ddp:
+        run_ddp(args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ from tqdm import tqdm
 
 from ops import batched_nms, wbc, weighted_nms
 
+from . import precision
+
 logger = logging.getLogger(__name__)
 
 #: Tile batch ``[B, C, *patch]`` -> per tile ``{"boxes", "scores", "labels"}`` (tile voxel coordinates),
@@ -237,8 +239,9 @@ def predict_member_raw(detector: Detector, image: np.ndarray | torch.Tensor, pat
                        amp: bool = True, overlap: float = 0.5, progress: bool = False) -> Detections:
     """Raw detections of one (model, mirror) member over all tiles of a case.
 
-    Tiles go in batches of ``batch_size`` under ``torch.no_grad``, with float16 autocast on CUDA only
-    (``amp``); an ``nn.Module`` detector is moved to ``device`` and set to eval mode.
+    Tiles go in batches of ``batch_size`` under ``torch.no_grad``, with autocast (``amp``: float16 on CUDA,
+    bfloat16 on a CPU with native support, ``scripts.precision``); an ``nn.Module`` detector is moved to
+    ``device`` and set to eval mode.
 
     Args:
         detector: see ``Detector``; image: ``[C, *spatial]`` preprocessed case (numpy, memmap, tensor).
@@ -258,14 +261,14 @@ def predict_member_raw(detector: Detector, image: np.ndarray | torch.Tensor, pat
     device = torch.device(device)
     if isinstance(detector, nn.Module):
         detector.to(device).eval()
-    use_amp, parts = amp and device.type == "cuda", []
+    parts = []
     batches = range(0, len(starts), batch_size)
     for i in tqdm(batches, desc=f"tiles flip={tuple(flip_axes)}", unit="batch", disable=not progress):
         group = starts[i:i + batch_size]
         tiles = np.stack([padded[(slice(None), *(slice(s, s + p) for s, p in zip(st, patch_size, strict=True)))]
                           for st in group]).astype(np.float32, copy=False)
         batch = flip_images(torch.from_numpy(tiles), flip_axes).to(device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.no_grad(), precision.autocast(device, amp):
             outputs = detector(batch)
         for st, out in zip(group, outputs, strict=True):
             boxes = unflip_boxes(out["boxes"].detach().float().cpu().numpy().reshape(-1, 2 * dim), flip_axes,

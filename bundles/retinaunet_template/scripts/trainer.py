@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, precision
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, list[di
 
 
 def _autocast(device: torch.device, amp: bool):
-    return torch.autocast("cuda", dtype=torch.float16, enabled=amp and device.type == "cuda")
+    return precision.autocast(device, amp)
 
 
 class DetectionTrainStep:
@@ -176,8 +176,9 @@ class DetectionTrainStep:
 
     Args:
         lr_scheduler: stepped after every optimizer step.
-        scaler: ``torch.amp.GradScaler`` (disabled on CPU); AMP (float16 autocast) runs only on CUDA.
-        amp: use autocast on CUDA.
+        scaler: ``torch.amp.GradScaler`` (float16 on CUDA only; bfloat16 needs no loss scaling).
+        amp: autocast of the network pass: float16 on CUDA, bfloat16 on a CPU with native support
+            (``scripts.precision``).
         seed: the global torch RNG is reseeded from (seed, iteration) before each step.
 
     Returns (per step, in ``engine.state.output``): floats ``loss`` (sum), ``cls``, ``reg``, ``seg_ce``,
@@ -232,7 +233,7 @@ class DetectionValStep:
     ``boxes``, ``labels`` (+ ``scores``)), ``dice_counts`` = (intersection, predicted fg, true fg) voxels.
 
     Args:
-        amp: use float16 autocast on CUDA.
+        amp: autocast as in :class:`DetectionTrainStep`.
     """
 
     def __init__(self, amp: bool = True) -> None:
