@@ -100,7 +100,7 @@ def test_without_gpus_folds_run_one_after_another_and_a_failure_does_not_stop_th
     jobs = run_jobs([_job(tmp_path, 0, 0.3), _job(tmp_path, 1, 0.3, code=3), _job(tmp_path, 2, 0.3)], [None])
     assert [j.returncode for j in jobs] == [0, 3, 0]
     spans = _spans(tmp_path, [0, 1, 2])
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no overlap: sequential
+    assert all(a[1] <= b[0] for a, b in zip(spans[:-1], spans[1:], strict=True))  # no overlap: sequential
     assert [s[2] for s in spans] == ["untouched"] * 3  # the CPU slot sets no device
     assert all(j.log_file is None for j in jobs)  # one slot: the job writes to the terminal
 
