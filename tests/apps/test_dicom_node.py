@@ -79,7 +79,10 @@ def test_round_trip_sr_and_seg_come_back_to_the_sender(node, pacs, tmp_path):
     sr = srs[0]
     assert sr.SOPClassUID == SR_CLASS and sr.StudyInstanceUID == study["study"]
     nt.wait_for(lambda: [d for d in pacs.of_modality("SEG") if d.StudyInstanceUID == study["study"]], 60, "the SEG")
-    events = [a["event"] for a in nt.audit(node["spool"]) if a.get("series") == study["series"]]
+    # the node logs results_sent after its C-STORE returns, which can be a moment after the PACS has the SEG
+    events = nt.wait_for(lambda: (ev := [a["event"] for a in nt.audit(node["spool"])
+                                         if a.get("series") == study["series"]]) and "results_sent" in ev and ev,
+                         30, "the node's results_sent audit entry")
     assert "series_answered" in events and "results_sent" in events
 
 

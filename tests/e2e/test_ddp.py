@@ -6,7 +6,8 @@ each rank normalises its losses over its own half of the batch (number of positi
 regression, sampled anchors for the classifier, batch Dice over its patches) and draws its own hard negatives
 (seeded from (seed, iteration, rank)). The voxel-mean cross-entropy of the segmentation is the one loss whose
 average over equal halves is the single-process value, so it must agree closely (1 %); the summed loss within
-5 % per epoch (measured: 0.1-0.8 % on this schedule). Resume of a DDP run from its own checkpoint is
+5 % per epoch (measured in float32: 0.1-0.8 % on this schedule; bfloat16 autocast, the default on CPUs that
+have it, rounds differently on each rank's half but stays inside the same bounds). Resume of a DDP run from its own checkpoint is
 deterministic (gloo sums two tensors in a fixed order) and must give the same log as the uninterrupted run.
 """
 
@@ -29,7 +30,7 @@ from workflow.train import torchrun_command
 PLAN = "D3V001CPU_3d"
 SCHEDULE = {"fold": 0, "epochs": 2, "iterations": 4, "warmup": 2, "swa_epochs": 1, "num_workers": 0}
 TIMEOUT_S = 300
-REL_WEIGHT_DIFF = 0.05  # final weights, DDP vs one process: ||w_ddp - w_1|| / ||w_1|| (measured 0.021)
+REL_WEIGHT_DIFF = 0.05  # final weights, DDP vs one process: ||w_ddp - w_1|| / ||w_1|| (measured 0.021, float32)
 
 
 @pytest.fixture(scope="module")

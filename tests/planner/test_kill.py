@@ -39,28 +39,36 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
-def test_pool_workers_die_with_a_killed_parent(tmp_path):
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT.format(root=str(ROOT), out=str(tmp_path)))
-    parent = subprocess.Popen([sys.executable, str(script)], start_new_session=True)
+def kill_parent_and_check_children(parent: subprocess.Popen, pid_dir: Path, start_s: float = 60,
+                                   what: str = "workers", log: Path | None = None) -> None:
+    """Wait until two children wrote ``<pid>.pid`` into ``pid_dir``, SIGKILL ``parent`` and assert that the
+    children are gone within 10 s (any left are killed afterwards)."""
     try:
-        end = time.monotonic() + 60
-        while len(list(tmp_path.glob("*.pid"))) < 2:
-            assert time.monotonic() < end, "workers did not start"
+        end = time.monotonic() + start_s
+        while len(list(pid_dir.glob("*.pid"))) < 2:
+            assert time.monotonic() < end and parent.poll() is None, \
+                f"{what} did not start" + (f": {log.read_text()}" if log else "")
             time.sleep(0.1)
-        workers = [int(p.stem) for p in tmp_path.glob("*.pid")]
+        children = [int(p.stem) for p in pid_dir.glob("*.pid")]
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=30)
         end = time.monotonic() + 10
-        while any(_alive(w) for w in workers) and time.monotonic() < end:
+        while any(_alive(w) for w in children) and time.monotonic() < end:
             time.sleep(0.1)
-        assert not any(_alive(w) for w in workers), "workers outlived their killed parent"
+        assert not any(_alive(w) for w in children), f"{what} outlived their killed parent"
     finally:
-        for p in tmp_path.glob("*.pid"):
+        for p in pid_dir.glob("*.pid"):
             try:
                 os.kill(int(p.stem), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_pool_workers_die_with_a_killed_parent(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(root=str(ROOT), out=str(tmp_path)))
+    parent = subprocess.Popen([sys.executable, str(script)], start_new_session=True)
+    kill_parent_and_check_children(parent, tmp_path)
 
 
 def test_a_rerun_writes_planner_plots_a_killed_run_did_not_finish(tmp_path, monkeypatch):

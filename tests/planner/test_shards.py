@@ -9,13 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from planner.shards import ShardDevice, WrittenCounter, assign_devices, run_shards, split_round_robin
-from tests.planner.test_kill import _alive
+from tests.planner.test_kill import kill_parent_and_check_children
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -145,21 +144,4 @@ def test_shards_die_with_a_killed_parent(tmp_path):
     log = tmp_path / "stderr.txt"  # the killed parent's resource tracker warns about its queue's semaphores
     with log.open("w") as err:
         parent = subprocess.Popen([sys.executable, str(script)], start_new_session=True, stderr=err)
-    try:
-        end = time.monotonic() + 120
-        while len(list(tmp_path.glob("*.pid"))) < 2:
-            assert time.monotonic() < end and parent.poll() is None, f"shards did not start: {log.read_text()}"
-            time.sleep(0.1)
-        shards = [int(p.stem) for p in tmp_path.glob("*.pid")]
-        os.kill(parent.pid, signal.SIGKILL)
-        parent.wait(timeout=30)
-        end = time.monotonic() + 10
-        while any(_alive(w) for w in shards) and time.monotonic() < end:
-            time.sleep(0.1)
-        assert not any(_alive(w) for w in shards), "shards outlived their killed parent"
-    finally:
-        for p in tmp_path.glob("*.pid"):
-            try:
-                os.kill(int(p.stem), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    kill_parent_and_check_children(parent, tmp_path, start_s=120, what="shards", log=log)
