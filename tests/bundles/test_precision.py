@@ -57,3 +57,13 @@ def test_losses_stay_float32_under_bf16_autocast():
         assert bce_onehot_loss(logits, torch.tensor([0, 1, 2, 0, 1, 0])).dtype is torch.float32
         assert giou_loss(boxes, boxes.flip(0)).dtype is torch.float32
         assert all(v.dtype is torch.float32 for v in SegLoss()(seg, torch.ones(1, 1, 4, 4, 4)).values())
+
+
+def test_channels_last_only_for_3d_bfloat16_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert precision.memory_format("cpu", True, 3) is torch.channels_last_3d
+    assert precision.memory_format("cpu", True, 2) is torch.contiguous_format
+    assert precision.memory_format("cpu", False, 3) is torch.contiguous_format  # float32: not measured faster
+    assert precision.memory_format("cuda", True, 3) is torch.contiguous_format
+    monkeypatch.setenv("det_channels_last", "0")
+    assert precision.memory_format("cpu", True, 3) is torch.contiguous_format

@@ -145,11 +145,14 @@ def test_bf16_autocast_gives_the_float32_outputs_within_tolerance(trained):
     against float32 on the trained fold, on a 32^3 patch of two training cases.
 
     Tolerances: foreground probabilities of every anchor within 0.01 and box-regression deltas within 0.03
-    (measured: 0.0026 and 0.007; bfloat16 keeps 8 mantissa bits), and not equal (autocast really ran). Boxes are not compared one by one:
+    (measured: 0.0026 and 0.007; bfloat16 keeps 8 mantissa bits), and not equal (autocast really ran); the
+    channels-last layout used for bfloat16 inference on the CPU within the same bounds of the default layout. Boxes are not compared one by one:
     this briefly trained fold scores hundreds of anchors within 0.01 of each other (0.22-0.24), so such shifts
     reorder them through top-k and NMS (4-7 of its 10 best float32 boxes have a bfloat16 twin at IoU >= 0.9);
     the detection quality of both settings on a fully trained demo is in benchmarks/RESULTS.md.
     """
+    import copy
+
     import numpy as np
 
     from workflow.bundle_code import bundle_module
@@ -166,7 +169,14 @@ def test_bf16_autocast_gives_the_float32_outputs_within_tolerance(trained):
         for amp in (False, True):
             with torch.no_grad(), precision.autocast("cpu", amp):
                 outs.append(det.network(x))
+        # channels-last (the CPU bfloat16 inference layout, precision.memory_format) against the default layout
+        layout = precision.memory_format("cpu", True, 3)
+        assert layout is torch.channels_last_3d
+        cl_net = copy.deepcopy(det.network).to(memory_format=layout)
+        with torch.no_grad(), precision.autocast("cpu", True):
+            outs.append(cl_net(x.contiguous(memory_format=layout)))
         for key, tol, fn in (("cls_logits", 0.01, torch.sigmoid), ("box_regression", 0.03, lambda t: t)):
-            for a, b in zip(outs[0][key], outs[1][key], strict=True):
+            for a, b, c in zip(outs[0][key], outs[1][key], outs[2][key], strict=True):
                 err = float((fn(a.float()) - fn(b.float())).abs().max())
                 assert 0 < err <= tol, (case, key, err)
+                assert float((fn(b.float()) - fn(c.float())).abs().max()) <= tol, (case, key, "channels-last")

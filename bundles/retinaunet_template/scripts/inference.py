@@ -240,8 +240,9 @@ def predict_member_raw(detector: Detector, image: np.ndarray | torch.Tensor, pat
     """Raw detections of one (model, mirror) member over all tiles of a case.
 
     Tiles go in batches of ``batch_size`` under ``torch.no_grad``, with autocast (``amp``: float16 on CUDA,
-    bfloat16 on a CPU with native support, ``scripts.precision``); an ``nn.Module`` detector is moved to
-    ``device`` and set to eval mode.
+    bfloat16 on a CPU with native support, ``scripts.precision``), in ``precision.memory_format``'s layout
+    (channels-last for 3D bfloat16 on the CPU); an ``nn.Module`` detector is moved to ``device`` (and that
+    layout) and set to eval mode.
 
     Args:
         detector: see ``Detector``; image: ``[C, *spatial]`` preprocessed case (numpy, memmap, tensor).
@@ -259,15 +260,16 @@ def predict_member_raw(detector: Detector, image: np.ndarray | torch.Tensor, pat
     padded, lower = pad_to_patch(vol, patch_size)
     starts = tile_starts(padded.shape[1:], patch_size, overlap)
     device = torch.device(device)
+    layout = precision.memory_format(device, amp, dim)
     if isinstance(detector, nn.Module):
-        detector.to(device).eval()
+        detector.to(device, memory_format=layout).eval()
     parts = []
     batches = range(0, len(starts), batch_size)
     for i in tqdm(batches, desc=f"tiles flip={tuple(flip_axes)}", unit="batch", disable=not progress):
         group = starts[i:i + batch_size]
         tiles = np.stack([padded[(slice(None), *(slice(s, s + p) for s, p in zip(st, patch_size, strict=True)))]
                           for st in group]).astype(np.float32, copy=False)
-        batch = flip_images(torch.from_numpy(tiles), flip_axes).to(device)
+        batch = flip_images(torch.from_numpy(tiles), flip_axes).to(device).contiguous(memory_format=layout)
         with torch.no_grad(), precision.autocast(device, amp):
             outputs = detector(batch)
         for st, out in zip(group, outputs, strict=True):

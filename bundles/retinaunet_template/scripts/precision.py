@@ -53,3 +53,15 @@ def autocast(device: torch.device | str, amp: bool = True) -> torch.autocast:
     dtype = amp_dtype(device, amp)
     return torch.autocast(kind if kind in ("cuda", "cpu") else "cpu", dtype=dtype or torch.float32,
                           enabled=dtype is not None)
+
+
+def memory_format(device: torch.device | str, amp: bool = True, dim: int = 3) -> torch.memory_format:
+    """The layout of the network pass at inference: ``channels_last_3d`` for 3D bfloat16 on the CPU, where
+    oneDNN's bfloat16 3D convolutions are faster in it (network forward of the cpu preset 1.6x on top of
+    bfloat16; in float32 the layout change alone was slower), else the default layout. ``det_channels_last=0``
+    keeps the default layout."""
+    if os.environ.get("det_channels_last", "1") in ("0", "false", "False"):
+        return torch.contiguous_format
+    if dim == 3 and amp_dtype(device, amp) is torch.bfloat16 and torch.device(device).type == "cpu":
+        return torch.channels_last_3d
+    return torch.contiguous_format
