@@ -103,13 +103,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _ddp_step_times(network, step, engine, loader_iter, steps: int, warmup: int, wrap_ddp: bool):
-    """Median seconds per step of ``step`` with ``engine.network`` the plain network or its DDP wrapper."""
+def _ddp(network, device):
+    import torch
+
+    return torch.nn.parallel.DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _step_times(step, engine, loader_iter, steps: int, warmup: int) -> float:
+    """Median seconds per ``step`` of ``engine.network`` (the plain network or a DDP wrapper of it)."""
     import torch
 
     device = engine.state.device
-    engine.network = (torch.nn.parallel.DistributedDataParallel(network, device_ids=[device] if device.type == "cuda"
-                                                                else None) if wrap_ddp else network)
     times = []
     for i in range(steps + warmup):
         batch = next(loader_iter)
@@ -136,11 +140,13 @@ def ddp_overhead(bundle: Path, workers: int, steps: int, warmup: int) -> tuple[f
         engine = SimpleNamespace(network=network, optimizer=objs["optimizer"],
                                  state=SimpleNamespace(device=device, iteration=0))
         it = iter(objs["train#dataloader"])
-        _ddp_step_times(network, step, engine, it, 0, warmup, False)
-        plain, ddp = [], []
+        _step_times(step, engine, it, 0, warmup)
+        wrapped, plain, ddp = _ddp(network, device), [], []
         for _ in range(max(1, steps // 5)):
-            plain.append(_ddp_step_times(network, step, engine, it, 5, 0, False))
-            ddp.append(_ddp_step_times(network, step, engine, it, 5, 0, True))
+            engine.network = network
+            plain.append(_step_times(step, engine, it, 5, 0))
+            engine.network = wrapped
+            ddp.append(_step_times(step, engine, it, 5, 0))
         return statistics.median(plain), statistics.median(ddp)
     finally:
         dist.destroy_process_group()
@@ -162,9 +168,9 @@ def _ddp_worker(rank: int, world: int, port: int, bundle: str, workers: int, ste
     device = torch.device(f"cuda:{rank}") if cuda else torch.device("cpu")
     network = objs["network"].to(device)
     use_cpu_threads(device)  # cores // LOCAL_WORLD_SIZE on the CPU
-    engine = SimpleNamespace(network=network, optimizer=objs["optimizer"],
+    engine = SimpleNamespace(network=_ddp(network, device), optimizer=objs["optimizer"],
                              state=SimpleNamespace(device=device, iteration=0))
-    t = _ddp_step_times(network, objs["train#step"], engine, iter(objs["train#dataloader"]), steps, warmup, True)
+    t = _step_times(objs["train#step"], engine, iter(objs["train#dataloader"]), steps, warmup)
     times = [None] * world
     dist.all_gather_object(times, t)
     if rank == 0:
@@ -207,11 +213,11 @@ def run_precision(args) -> None:
         times: dict[bool, list[float]] = {False: [], True: []}
         for amp in (False, True):  # warm-up of both (oneDNN builds its kernels per dtype and shape)
             step.amp = amp
-            _ddp_step_times(network, step, engine, it, 0, args.warmup, False)
+            _step_times(step, engine, it, 0, args.warmup)
         for _ in range(max(1, args.steps // 5)):
             for amp in (False, True):
                 step.amp = amp
-                times[amp].append(_ddp_step_times(network, step, engine, it, 5, 0, False))
+                times[amp].append(_step_times(step, engine, it, 5, 0))
         f32, mixed = statistics.median(times[False]), statistics.median(times[True])
         name = str(dtype).replace("torch.", "")
         print(f"\ntask {task}, plan {plan.plan_id}: patch {plan.patch_size}, batch {plan.batch_size}, device {device}, "

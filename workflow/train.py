@@ -237,7 +237,8 @@ class FoldJob:
     devices: str | None = None  # CUDA_VISIBLE_DEVICES of the job; None: the CPU
     log_file: Path | None = None  # None: the job writes to this terminal
     returncode: int | None = None
-    seconds: float = 0.0
+    started: float = 0.0  # time.perf_counter() at start
+    seconds: float = 0.0  # run time, once finished
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -319,7 +320,7 @@ def run_jobs(jobs: list[FoldJob], slots: list[str | None], poll_s: float = 0.5) 
                     job.log_file = None
                 where = "CPU" if job.devices is None else f"GPU {job.devices}"
                 print(f"fold {job.fold}: started on {where}" + (f" (log {job.log_file})" if out else ""), flush=True)
-                job.seconds = time.perf_counter()
+                job.started = time.perf_counter()
                 job.proc = subprocess.Popen(job.command, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
                                             preexec_fn=paths.die_with_parent)
                 if out is not None:
@@ -329,7 +330,7 @@ def run_jobs(jobs: list[FoldJob], slots: list[str | None], poll_s: float = 0.5) 
                 rc = job.proc.poll()
                 if rc is None:
                     continue
-                job.returncode, job.seconds = rc, time.perf_counter() - job.seconds
+                job.returncode, job.seconds = rc, time.perf_counter() - job.started
                 running.remove(job)
                 free.append(job.devices)
                 print(f"fold {job.fold}: {'done' if rc == 0 else f'FAILED (exit code {rc})'} after "
@@ -349,9 +350,7 @@ def fold_summary(bundle: Path, jobs: list[FoldJob]) -> str:
     rows = [("fold", "device", "status", "epoch", "best metric", "minutes")]
     for job in jobs:
         last, best = bundle / f"fold{job.fold}" / "model_last.pt", bundle / f"fold{job.fold}" / "model_best.pt"
-        state = fold_finished(last) if last.is_file() else None
-        if state is None and last.is_file():
-            state = torch.load(last, map_location="cpu", weights_only=True)
+        state = torch.load(last, map_location="cpu", weights_only=True) if last.is_file() else None  # finished or not
         metric = torch.load(best, map_location="cpu", weights_only=True).get("metric") if best.is_file() else None
         rows.append((str(job.fold), "cpu" if job.devices is None else f"gpu {job.devices}",
                      "ok" if job.ok else f"FAILED ({job.returncode})",

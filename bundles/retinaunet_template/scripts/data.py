@@ -35,6 +35,7 @@ from planner.io import load_json
 from planner.paths import local_processes, num_threads
 
 from .augment import DetectionAugmentation
+from .distributed import global_batch
 
 logger = logging.getLogger(__name__)
 
@@ -256,8 +257,7 @@ class OversamplingBatchSampler(Sampler):
         self.rank, self.world_size = int(rank), int(world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        # the global batch: the plan's, grown to a multiple of the ranks (scripts.distributed's rule)
-        self.batch_size = self.world_size * max(1, -(-int(batch_size) // self.world_size))
+        self.batch_size = global_batch(batch_size, self.world_size)  # the plan's, grown to a multiple of the ranks
         if self.batch_size != int(batch_size):
             logger.warning("batch size %d does not split over %d processes: global batch %d (%d per process)",
                            int(batch_size), self.world_size, self.batch_size, self.batch_size // self.world_size)

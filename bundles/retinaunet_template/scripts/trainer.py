@@ -167,10 +167,6 @@ def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, list[di
     return images, targets, seg
 
 
-def _autocast(device: torch.device, amp: bool):
-    return precision.autocast(device, amp)
-
-
 class DetectionTrainStep:
     """``iteration_update`` of ``SupervisedTrainer``: one SGD step on the summed detector losses.
 
@@ -201,7 +197,7 @@ class DetectionTrainStep:
         images, targets, seg = _to_device(batch, device)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, self.amp):
+        with precision.autocast(device, self.amp):
             losses = model(images, targets, seg)
         loss = sum(losses.values())
         # under DDP the skip is decided together: a rank that skipped backward would leave the others waiting
@@ -246,7 +242,7 @@ class DetectionValStep:
         captured: dict = {}
         hook = model.network.register_forward_hook(lambda m, i, o: captured.update(o))
         try:
-            with torch.no_grad(), _autocast(device, self.amp):
+            with torch.no_grad(), precision.autocast(device, self.amp):
                 losses, dets = model.losses_and_detections(images, targets, seg)
         finally:
             hook.remove()
