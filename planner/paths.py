@@ -215,5 +215,20 @@ def _pool_init(initializer, initargs) -> None:
 
 
 def worker_pool(processes: int, initializer=None, initargs: tuple = ()):
-    """A ``multiprocessing.Pool`` of :func:`mp_context` whose workers die with their parent."""
-    return mp_context().Pool(processes, initializer=_pool_init, initargs=(initializer, initargs))
+    """A ``multiprocessing.Pool`` of :func:`mp_context` whose workers die with their parent.
+
+    The workers are forked with SIGTERM at its default action: :func:`_pool_init` resets it too, but a
+    ``Pool.terminate()`` right after the pool starts (an error in the parent) can reach a worker before its
+    initializer ran, and a handler inherited from the parent (holoscan's) would then swallow it and leave the
+    pool's join waiting for ever (seen once in CI).
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
+        return mp_context().Pool(processes, initializer=_pool_init, initargs=(initializer, initargs))
+    old = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        return mp_context().Pool(processes, initializer=_pool_init, initargs=(initializer, initargs))
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -101,6 +101,34 @@ with paths.worker_pool(2) as pool:
     assert p.returncode == 0 and p.stdout.strip() == "6", p.stderr
 
 
+def test_pool_workers_are_forked_with_sigterm_at_its_default(monkeypatch):
+    """Seen once in CI: Pool.terminate() right after the pool started reached a worker before its initializer
+    reset SIGTERM; the handler inherited from the parent swallowed it and the pool's join hung. The fork itself
+    must happen with the default action (and the parent's handler come back afterwards)."""
+    import signal
+
+    from planner import paths
+
+    seen = {}
+
+    class Context:
+        def Pool(self, *args, **kwargs):  # noqa: N802 - multiprocessing's name
+            seen["at_fork"] = signal.getsignal(signal.SIGTERM)
+            return "pool"
+
+    def handler(*a):
+        return None
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        monkeypatch.setattr(paths, "mp_context", lambda: Context())
+        assert paths.worker_pool(1) == "pool"
+        assert seen["at_fork"] is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def _group_members(pgid: int) -> list[int]:
     out = []
     for d in Path("/proc").iterdir():
