@@ -26,7 +26,10 @@ before anything is written; ``--full_check`` runs them up front and on the test 
   (2D files may be (X, Y) or (X, Y, 1));
 * images: no NaN/inf, not constant (all zero or a single value: an empty export);
 * labels: integer values, no negatives, and the ids in the map equal the ids in the json exactly
-  (an id missing from either side is reported).
+  (an id missing from either side is reported);
+* box annotations (``"annotation": "boxes"``, ``planner.box_labels``): the quick check reads every box
+  json (frame, entries, numbers, classes, inverted boxes, zero size in mm); the checks of loaded files
+  put the boxes on the image grid (outside the image, no voxel inside, covered by other boxes).
 
 ``nndet_predict --check`` runs :func:`check_test_cases`: the quick and full checks of ``imagesTs`` only,
 images only (no label is needed to predict).
@@ -43,6 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from planner import paths
+from planner.box_labels import box_problems
 from planner.dataset import (
     IMAGE_SUFFIX,
     CaseFiles,
@@ -189,17 +193,22 @@ def _check_split(raw: Path, split: str, info: DatasetInfo, with_labels: bool) ->
         elif parsed[1] >= info.num_modalities:
             problems.append((str(f), f"modality {mod} is not in dataset.json modalities {info.modalities}; "
                              "add it there or remove the file"))
+    boxes = info.annotation == "boxes"
     if with_labels and not labels_dir.is_dir():
-        problems.append((str(labels_dir), f"folder is missing: every {split} case needs <case>.nii.gz and "
-                         "<case>.json here" + (" (or set test_labels false)" if split == "Ts" else "")))
+        needs = "<case>.json (its boxes)" if boxes else "<case>.nii.gz and <case>.json"
+        problems.append((str(labels_dir), f"folder is missing: every {split} case needs {needs} here"
+                         + (" (or set test_labels false)" if split == "Ts" else "")))
         with_labels = False
     for cid in case_ids:
-        files = case_files(raw, cid, info.num_modalities, split)
+        files = case_files(raw, cid, info.num_modalities, split, info.annotation)
         for p in files.images:
             if not p.is_file():
                 problems.append((str(p), f"modality file of case {cid} is missing ({info.num_modalities} "
                                  f"modalities in dataset.json: {info.modalities}); add it"))
         if not with_labels:
+            continue
+        if boxes:
+            problems += box_problems(files.instances_json, info.dim, [int(k) for k in info.labels])
             continue
         if not files.label.is_file():
             problems.append((str(files.label), f"label map of case {cid} is missing; add the instance map "
@@ -235,7 +244,7 @@ def full_check(task_root: Path, num_processes: int = 0) -> list[Problem]:
     for split in ("Tr", "Ts"):
         if (raw / f"images{split}").is_dir():
             with_labels = split == "Tr" or info.test_labels
-            jobs += [(case_files(raw, c, info.num_modalities, split), info.dim, with_labels)
+            jobs += [(case_files(raw, c, info.num_modalities, split, info.annotation), info.dim, with_labels)
                      for c in list_case_ids(raw / f"images{split}")]
     return _run_case_checks(jobs, num_processes, "full check")
 
@@ -363,6 +372,9 @@ def check_loaded(files: CaseFiles, images: list[Loaded], label: Loaded | None, d
                                  "grid: copy the reference header or resample (no registration is done)"))
     if label is not None and files.instances_json is not None and files.instances_json.is_file():
         problems += _check_label_content(label[0], label[1], files.instances_json)
+    if files.boxes and images and files.instances_json is not None and files.instances_json.is_file():
+        _, arr, aff = images[0]
+        problems += box_problems(files.instances_json, dim, shape=arr.shape, affine=aff, geometry_only=True)
     return problems
 
 

@@ -6,6 +6,8 @@ $det_data/Task000D3_Example/
     raw_splitted/imagesTr/<case>_<XXXX>.nii.gz   (one file per modality, XXXX = 4-digit index)
     raw_splitted/labelsTr/<case>.nii.gz          (instance map: 0 background, 1..N instances)
     raw_splitted/labelsTr/<case>.json            ({"instances": {"1": <class index>}})
+                                                 (or, with "annotation": "boxes" in dataset.json, the
+                                                 case's boxes and no .nii.gz: see planner.box_labels)
     raw_splitted/imagesTs, labelsTs              (optional, same structure)
 ```
 
@@ -23,6 +25,7 @@ from typing import Any
 import yaml
 
 IMAGE_SUFFIX = ".nii.gz"
+ANNOTATIONS = ("masks", "boxes")  # dataset.json "annotation": instance maps (default) or box jsons
 
 
 class DatasetError(ValueError):
@@ -52,6 +55,11 @@ class DatasetInfo:
         return len(self.labels)
 
     @property
+    def annotation(self) -> str:
+        """``"masks"`` (instance maps + instance jsons, nnDetection's layout) or ``"boxes"`` (box jsons)."""
+        return str(self.extra.get("annotation", "masks"))
+
+    @property
     def num_modalities(self) -> int:
         return len(self.modalities)
 
@@ -74,6 +82,7 @@ class DatasetInfo:
             "test_labels": self.test_labels,
         }
         d.update(self.extra)
+        d["annotation"] = self.annotation
         return d
 
 
@@ -117,6 +126,10 @@ def validate_dataset_dict(raw: Any, source: str) -> list[tuple[str, str]]:
     tc = raw.get("target_class")
     if tc is not None and (not isinstance(tc, int) or isinstance(tc, bool)):
         problems.append((source, f"'target_class' must be an integer class index or null, got {tc!r}"))
+    ann = raw.get("annotation", "masks")
+    if ann not in ANNOTATIONS:
+        problems.append((source, f"'annotation' must be one of {list(ANNOTATIONS)} (instance maps or box jsons), "
+                         f"got {ann!r}"))
     return problems
 
 
@@ -146,12 +159,26 @@ def load_dataset_info(task_root: Path) -> DatasetInfo:
 
 @dataclass(frozen=True)
 class CaseFiles:
-    """Files of one case: images (one per modality, in modality order), label map and instance json."""
+    """Files of one case: images (one per modality, in modality order), label map and instance json.
+
+    With ``annotation == "boxes"`` there is no label map (``label`` is None) and ``instances_json`` is the
+    case's box json (``planner.box_labels``).
+    """
 
     case_id: str
     images: tuple[Path, ...]
     label: Path | None
     instances_json: Path | None
+    annotation: str = "masks"
+
+    @property
+    def boxes(self) -> bool:
+        return self.annotation == "boxes"
+
+    @property
+    def label_source(self) -> Path | None:
+        """The file the case's objects come from (label map, or box json)."""
+        return self.instances_json if self.boxes else self.label
 
 
 def case_and_modality(name: str) -> tuple[str, int] | None:
@@ -170,20 +197,22 @@ def list_case_ids(images_dir: Path) -> list[str]:
     return sorted({f[0] for f in found if f is not None})
 
 
-def case_files(raw_root: Path, case_id: str, num_modalities: int, split: str = "Tr") -> CaseFiles:
+def case_files(raw_root: Path, case_id: str, num_modalities: int, split: str = "Tr",
+               annotation: str = "masks") -> CaseFiles:
     """Expected file paths of one case (existence is checked by ``planner.checks``)."""
     images = tuple(raw_root / f"images{split}" / f"{case_id}_{m:04d}{IMAGE_SUFFIX}" for m in range(num_modalities))
     labels_dir = raw_root / f"labels{split}"
     return CaseFiles(
         case_id=case_id,
         images=images,
-        label=labels_dir / f"{case_id}{IMAGE_SUFFIX}",
+        label=None if annotation == "boxes" else labels_dir / f"{case_id}{IMAGE_SUFFIX}",
         instances_json=labels_dir / f"{case_id}.json",
+        annotation=annotation,
     )
 
 
-def list_cases(raw_root: Path, num_modalities: int, split: str = "Tr") -> list[CaseFiles]:
+def list_cases(raw_root: Path, num_modalities: int, split: str = "Tr", annotation: str = "masks") -> list[CaseFiles]:
     images_dir = raw_root / f"images{split}"
     if not images_dir.is_dir():
         return []
-    return [case_files(raw_root, c, num_modalities, split) for c in list_case_ids(images_dir)]
+    return [case_files(raw_root, c, num_modalities, split, annotation) for c in list_case_ids(images_dir)]

@@ -232,6 +232,10 @@ def load_checked_case(files: CaseFiles, dim: int) -> CaseData:
     affine = images[0][2]
     seg = label_to_int(label[1], label[0]) if label is not None else None
     instances = load_instances_json(files.instances_json) if seg is not None and files.instances_json else {}
+    if files.boxes and files.instances_json is not None and files.instances_json.is_file():
+        from planner.box_labels import box_instance_map
+
+        seg, instances, _ = box_instance_map(files.instances_json, data.shape[1:], affine)
     return CaseData(files.case_id, data, seg, affine, spacing_from_affine(affine, dim), instances)
 
 
@@ -247,7 +251,9 @@ def fingerprint_case(files: CaseFiles, dim: int) -> tuple[CaseFingerprint, list[
     """
     case = load_checked_case(files, dim)
     if case.seg is None:
-        raise DatasetError([(str(files.label), "training case has no label map; add it (or move the case to imagesTs)")])
+        what = "box json" if files.boxes else "label map"
+        raise DatasetError([(str(files.label_source), f"training case has no {what}; add it (or move the case to "
+                             "imagesTs)")])
     shape = [int(s) for s in case.data.shape[1:]]
     # the bbox of planner.crop.crop_case without its hole filling: filling only adds voxels enclosed by
     # the mask, so the bbox is the same, and the -1 "outside" marks it writes are not needed here (fg = seg > 0)
@@ -327,7 +333,7 @@ def compute_fingerprint(task_root: Path, num_processes: int = 0) -> Fingerprint:
     """
     task_root = Path(task_root)
     info = load_dataset_info(task_root)
-    cases = list_cases(task_root / "raw_splitted", info.num_modalities, "Tr")
+    cases = list_cases(task_root / "raw_splitted", info.num_modalities, "Tr", info.annotation)
     if not cases:
         raise DatasetError([(str(task_root / "raw_splitted" / "imagesTr"), "no training cases found; add <case>_0000.nii.gz files")])
     jobs = [(c, info.dim) for c in cases]

@@ -118,7 +118,8 @@ def label_to_int(arr: np.ndarray, path: str | Path) -> np.ndarray:
 
 
 def load_case(files: CaseFiles, dim: int, with_label: bool = True) -> CaseData:
-    """Load all modalities (+ label map and instance json when present and asked for)."""
+    """Load all modalities (+ label map and instance json when present and asked for; with box annotations
+    the box json, filled into an instance map by ``planner.box_labels``)."""
     arrays, affine = [], None
     for p in files.images:
         arr, aff = load_nifti(p, dim)
@@ -130,7 +131,11 @@ def load_case(files: CaseFiles, dim: int, with_label: bool = True) -> CaseData:
                              "resample every modality to one grid") for p, shape in odd])
     data = arrays[0][None] if len(arrays) == 1 else np.stack(arrays, 0)
     seg, instances = None, {}
-    if with_label and files.label is not None and files.label.exists():
+    if with_label and files.boxes and files.instances_json is not None and files.instances_json.exists():
+        from planner.box_labels import box_instance_map
+
+        seg, instances, _ = box_instance_map(files.instances_json, data.shape[1:], affine)
+    elif with_label and files.label is not None and files.label.exists():
         seg_arr, _ = load_nifti(files.label, dim)
         seg = label_to_int(seg_arr, files.label)
         if seg.shape != data.shape[1:]:

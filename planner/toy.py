@@ -54,6 +54,7 @@ import numpy as np
 from tqdm import tqdm
 
 from planner import paths
+from planner.box_labels import boxes_json
 from planner.io import make_temp_dir, save_json
 from planner.presets import DEFAULT_PRESET, PRESET_NAMES
 
@@ -190,10 +191,13 @@ def _save_nifti(array: np.ndarray, spacing: tuple[float, ...], path: Path) -> No
     nib.save(img, str(path))
 
 
-def _write_case(job: tuple[Path, Path, int, ToySpec]) -> int:
-    image_dir, label_dir, idx, spec = job
+def _write_case(job: tuple[Path, Path, int, ToySpec, bool]) -> int:
+    image_dir, label_dir, idx, spec, boxes = job
     case = make_case(idx, spec)
     _save_nifti(case.image, case.spacing, image_dir / f"case_{idx}_0000.nii.gz")
+    if boxes:  # the object's box instead of its mask (planner.box_labels; inclusive voxel indices)
+        save_json(boxes_json(np.asarray([case.box]), [case.cls]), label_dir / f"case_{idx}.json")
+        return idx
     _save_nifti(case.mask, case.spacing, label_dir / f"case_{idx}.nii.gz")
     save_json({"instances": {"1": case.cls}}, label_dir / f"case_{idx}.json")
     return idx
@@ -225,6 +229,7 @@ def generate_example(
     overwrite: bool = False,
     seed_offset: int = 0,
     spacing_jitter: float = 0.0,
+    boxes: bool = False,
 ) -> Path:
     """Write the toy task under ``det_data`` and return its folder.
 
@@ -244,6 +249,9 @@ def generate_example(
         overwrite: replace an existing task folder (everything in it, preprocessed data included).
         seed_offset: added to every case's seed (0 reproduces the default cases).
         spacing_jitter: relative per-case spacing jitter (e.g. 0.1 -> +-10 %), drawn from the case seed.
+        boxes: write each case's object as a box (``labels{Tr,Ts}/<case>.json`` with ``"boxes"``, no label
+            NIfTI) and ``"annotation": "boxes"`` in dataset.json (``planner.box_labels``); the images are
+            the same as without.
 
     Returns:
         The task folder ``det_data/<task_name>``.
@@ -269,7 +277,7 @@ def generate_example(
     det_data.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(prefix=f".{task_name}.tmp-", dir=det_data)
     try:
-        _write_task(tmp, task_name, spec, n_tr, n_ts, num_processes)
+        _write_task(tmp, task_name, spec, n_tr, n_ts, num_processes, boxes)
         _replace_dir(tmp, target, overwrite)
     finally:
         if tmp.exists():
@@ -278,7 +286,8 @@ def generate_example(
     return target
 
 
-def _write_task(root: Path, task_name: str, spec: ToySpec, n_tr: int, n_ts: int, num_processes: int) -> None:
+def _write_task(root: Path, task_name: str, spec: ToySpec, n_tr: int, n_ts: int, num_processes: int,
+                boxes: bool = False) -> None:
     meta = {
         "task": task_name,
         "name": task_name.split("_", 1)[1] if "_" in task_name else task_name,
@@ -288,13 +297,15 @@ def _write_task(root: Path, task_name: str, spec: ToySpec, n_tr: int, n_ts: int,
         "modalities": {"0": spec.modality},
         "dim": spec.dim,
     }
+    if boxes:
+        meta["annotation"] = "boxes"
     save_json(meta, root / "dataset.json")
     raw = root / "raw_splitted"
     dirs = {k: raw / k for k in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    jobs = [(dirs["imagesTr"], dirs["labelsTr"], i, spec) for i in range(n_tr)]
-    jobs += [(dirs["imagesTs"], dirs["labelsTs"], i, spec) for i in range(n_tr, n_tr + n_ts)]
+    jobs = [(dirs["imagesTr"], dirs["labelsTr"], i, spec, boxes) for i in range(n_tr)]
+    jobs += [(dirs["imagesTs"], dirs["labelsTs"], i, spec, boxes) for i in range(n_tr, n_tr + n_ts)]
     bar = dict(total=len(jobs), desc=f"nndet_example {task_name}", unit="case", disable=None)
     if num_processes > 0:
         with paths.worker_pool(min(num_processes, len(jobs))) as pool:

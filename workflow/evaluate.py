@@ -212,12 +212,22 @@ def validation_operating_point(bundle: Path, folds, params, fppi: float | None =
             "folds": [int(f) for f in folds], "predictions": source}
 
 
-def gt_raw(task_root: Path, case: str, dim: int) -> dict[str, np.ndarray]:
-    """Ground-truth boxes (original voxels) and labels of a test case from ``raw_splitted/labelsTs``."""
+def gt_raw(task_root: Path, case: str, dim: int, annotation: str = "masks") -> dict[str, np.ndarray]:
+    """Ground-truth boxes (original voxels) and labels of a test case from ``raw_splitted/labelsTs``: the
+    boxes of the instance map, or with box annotations the json's boxes themselves (exact, not re-derived
+    from a filled map)."""
     from planner.fingerprint import instance_boxes
-    from planner.nifti import load_instances_json, load_nifti
+    from planner.nifti import load_instances_json, load_nifti, read_nifti
 
     label_dir = task_root / "raw_splitted" / "labelsTs"
+    if annotation == "boxes":
+        from planner.box_labels import load_box_labels
+
+        img = read_nifti(task_root / "raw_splitted" / "imagesTs" / f"{case}_0000.nii.gz")
+        shape = tuple(int(s) for s in img.shape[:dim])
+        labels = load_box_labels(label_dir / f"{case}.json", shape, np.asarray(img.affine))
+        return {"boxes": labels.boxes.astype(np.float64).reshape(-1, 2 * dim),
+                "labels": np.asarray(labels.classes, np.int64)}
     seg, _ = load_nifti(label_dir / f"{case}.nii.gz", dim)
     classes = load_instances_json(label_dir / f"{case}.json")
     ids, boxes = instance_boxes(np.asarray(seg).astype(np.int64))
@@ -238,12 +248,15 @@ def evaluate_test(task: str | int, model: str | None = None, plan: str | None = 
         raise FileNotFoundError(f"{pred_dir}: no test predictions; run `nndet_predict {task_name}` first")
     if not (task_root / "raw_splitted" / "labelsTs").is_dir():
         raise FileNotFoundError(f"{task_root / 'raw_splitted' / 'labelsTs'}: no test labels to evaluate against")
+    from planner.dataset import load_dataset_info
+
+    annotation = load_dataset_info(task_root).annotation
     preds, gts, ids = [], [], []
     for f in files:
         d = load_json(f)
         preds.append({"boxes": np.asarray(d["boxes"], np.float64).reshape(-1, 2 * p.dim),
                       "scores": np.asarray(d["scores"], np.float64), "labels": np.asarray(d["labels"], np.int64)})
-        gts.append(gt_raw(task_root, d["case_id"], p.dim))
+        gts.append(gt_raw(task_root, d["case_id"], p.dim, annotation))
         ids.append(d["case_id"])
 
     def image_of(case: str):

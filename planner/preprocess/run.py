@@ -171,7 +171,7 @@ def preprocess_task(
     jobs, skipped = [], 0
     for split in splits:
         out_dir = out_root / f"images{split}"
-        for files in list_cases(task_root / "raw_splitted", dataset.num_modalities, split):
+        for files in list_cases(task_root / "raw_splitted", dataset.num_modalities, split, dataset.annotation):
             if not overwrite and (out_dir / f"{files.case_id}.json").is_file():
                 skipped += 1
                 continue

@@ -228,6 +228,42 @@ def test_training_losses_are_finite_and_train_everything():
     assert all(p.grad is not None for p in det.parameters())
 
 
+def test_seg_loss_off_gives_zero_seg_terms_and_no_seg_head_update_but_every_grad():
+    """``seg_loss=False`` (box labels): the segmentation terms are zero, the head gets zero gradients (not None:
+    DDP needs a gradient for every parameter), detection gradients are those of the loss without seg terms."""
+    torch.manual_seed(0)
+    on, off = _tiny_detector(dim=2).train(), _tiny_detector(dim=2, seg_loss=False).train()
+    off.load_state_dict(on.state_dict())
+    images, targets, seg = synthetic_batch(2, 1, (32, 32), "cpu")
+    torch.manual_seed(1)  # the same hard-negative draws in both
+    l_on = on(images, targets, seg)
+    torch.manual_seed(1)
+    l_off = off(images, targets, seg)
+    assert float(l_on["seg_ce"]) > 0 and float(l_off["seg_ce"]) == 0.0 == float(l_off["seg_dice"])
+    sum(l_off.values()).backward()
+    head = [p for n, p in off.named_parameters() if "seg_head" in n]
+    assert head and all(p.grad is not None and float(p.grad.abs().sum()) == 0.0 for p in head)
+    assert all(p.grad is not None for p in off.parameters())
+    (l_on["cls"] + l_on["reg"]).backward()
+    for a, b in zip(on.parameters(), off.parameters(), strict=True):  # parts only the seg path uses: None vs 0
+        torch.testing.assert_close(torch.zeros_like(a) if a.grad is None else a.grad, b.grad)
+
+
+def test_eval_can_return_the_segmentation_heads_foreground_probability():
+    det = _tiny_detector(dim=2).eval()
+    with torch.no_grad():
+        plain = det(torch.randn(2, 1, 32, 32))
+        torch.manual_seed(1)
+        x = torch.randn(2, 1, 32, 32)
+        both = det(x, return_seg=True)
+        logits = det.network(x)["seg_logits"]
+    assert "seg_probs" not in plain[0]
+    expected = 1 - torch.softmax(logits, 1)[:, 0]
+    for d, e in zip(both, expected, strict=True):
+        assert d["seg_probs"].shape == (32, 32)
+        torch.testing.assert_close(d["seg_probs"], e)
+
+
 def test_training_without_targets_is_an_error():
     det = _tiny_detector().train()
     with pytest.raises(ValueError, match="targets"):

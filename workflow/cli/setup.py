@@ -64,6 +64,8 @@ def example_main(argv: list[str] | None = None) -> None:
     p.add_argument("--task_name", default=None, help="another task folder name (e.g. Task101D3_CTLike)")
     p.add_argument("--seed_offset", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing toy task folder")
+    p.add_argument("--boxes", action="store_true", help="annotate with boxes (labelsTr/<case>.json \"boxes\", "
+                   "no label NIfTI; dataset.json \"annotation\": \"boxes\") instead of instance masks")
     a = p.parse_args(argv)
     setup_logging()
     from planner.toy import generate_example
@@ -71,7 +73,7 @@ def example_main(argv: list[str] | None = None) -> None:
     out = run_api(generate_example, paths.det_data(), preset=a.preset, full=a.full, num_train=a.num_train,
                num_test=a.num_test, size=a.size, dim=a.dim, num_processes=a.num_processes, overwrite=a.overwrite,
                spacing=tuple(a.spacing) if a.spacing else None, modality=a.modality, task_name=a.task_name,
-               seed_offset=a.seed_offset)
+               seed_offset=a.seed_offset, boxes=a.boxes)
     print(f"toy task written to {out}")
 
 

@@ -205,6 +205,7 @@ class RetinaUNetDetector(nn.Module):
         detections_per_img: int = 100,
         seg_ce_weight: float = 0.5,
         seg_dice_weight: float = 0.5,
+        seg_loss: bool = True,
     ) -> None:
         super().__init__()
         self.network = network
@@ -221,6 +222,7 @@ class RetinaUNetDetector(nn.Module):
         self.sampler = BatchedHardNegativeSampler(batch_size_per_image, positive_fraction, min_neg, pool_size)
         self.coder = BoxCoder(weights=(1.0,) * (2 * self.dim), boxes_xform_clip=BOX_CLIP)
         self.seg_loss = SegLoss(seg_ce_weight, seg_dice_weight)
+        self.use_seg_loss = bool(seg_loss)
         self.topk_candidates = topk_candidates
         self.score_thresh = score_thresh
         self.min_box_size = min_box_size
@@ -232,6 +234,7 @@ class RetinaUNetDetector(nn.Module):
         images: torch.Tensor,
         targets: list[dict[str, torch.Tensor]] | None = None,
         seg_target: torch.Tensor | None = None,
+        return_seg: bool = False,
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         """Training mode: loss dict; eval mode: detections per image.
 
@@ -240,6 +243,8 @@ class RetinaUNetDetector(nn.Module):
             targets: per image ``{"boxes": [G, 2*dim], "labels": [G]}`` (optionally ``"seg"``
                 ``[1, *spatial]`` when ``seg_target`` is not given).
             seg_target: ``[B, 1, *spatial]`` instance/fg map (> 0 foreground).
+            return_seg: eval mode: also give each image's foreground probability of the segmentation head,
+                ``"seg_probs"`` float32 ``[*spatial]`` (``scripts.masks``).
 
         Returns:
             training: ``{"cls", "reg", "seg_ce", "seg_dice"}`` (total loss = their sum);
@@ -252,7 +257,12 @@ class RetinaUNetDetector(nn.Module):
             if targets is None:
                 raise ValueError("training mode needs targets (boxes and labels per image)")
             return self._losses(out, anchors, per_level, targets, seg_target)
-        return self._detect(out, anchors, images.shape[2:])
+        dets = self._detect(out, anchors, images.shape[2:])
+        if return_seg:
+            probs = 1.0 - torch.softmax(out["seg_logits"].float(), dim=1)[:, 0]  # every non-background class
+            for d, p in zip(dets, probs, strict=True):
+                d["seg_probs"] = p
+        return dets
 
     def losses_and_detections(
         self,
@@ -303,6 +313,12 @@ class RetinaUNetDetector(nn.Module):
             losses["reg"] = giou_loss(pred_boxes, torch.stack(matched)[pos], num_pos)
         else:
             losses["reg"] = reg.sum() * 0.0
+        if not self.use_seg_loss:
+            # off (box labels, train.json seg_loss false): zero terms that keep the segmentation head in the
+            # graph, so DDP finds a gradient for every parameter and the logs keep their keys
+            zero = out["seg_logits"].float().sum() * 0.0
+            losses.update(seg_ce=zero, seg_dice=zero)
+            return losses
         if seg_target is None:
             seg_target = torch.stack([t["seg"] for t in targets])
         losses.update(self.seg_loss(out["seg_logits"], seg_target.to(out["seg_logits"].device)))
