@@ -6,6 +6,9 @@ keeps the voxel. A voxel belongs to a box when its centre lies inside the box: a
 [x1, x2) covers voxels ``ceil(x1 - 0.5) .. ceil(x2 - 0.5) - 1`` (so an integer box [i, j) covers i..j-1).
 The JSON next to it maps instance -> class (nnDetection's ``{"instances": {...}}`` layout) and
 instance -> score and class name.
+
+With masks (``nndet_boxes2nii --masks``, predictions of ``nndet_predict --masks``) each instance is the
+finding's mask from the segmentation head instead of its box (same ids, same overlap rule).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -52,7 +56,8 @@ def rasterize_boxes(boxes: np.ndarray, scores: np.ndarray, shape: Sequence[int])
 
 
 def boxes_to_nifti(prediction_json: str | os.PathLike, reference_image: str | os.PathLike,
-                   out_dir: str | os.PathLike, score_threshold: float = 0.5, overwrite: bool = False) -> Path:
+                   out_dir: str | os.PathLike, score_threshold: float = 0.5, overwrite: bool = False,
+                   masks_module: Any = None) -> Path:
     """Write ``<out_dir>/<case>_boxes.nii.gz`` + ``<case>_boxes.json`` from a ``*_boxes.json`` prediction.
 
     Args:
@@ -62,6 +67,8 @@ def boxes_to_nifti(prediction_json: str | os.PathLike, reference_image: str | os
         out_dir: output folder.
         score_threshold: keep boxes with ``score >= score_threshold``.
         overwrite: replace existing outputs.
+        masks_module: the bundle's ``scripts.masks``: fill each finding's mask (the prediction's ``masks_file``)
+            instead of its box.
 
     Returns:
         Path of the NIfTI file.
@@ -78,6 +85,12 @@ def boxes_to_nifti(prediction_json: str | os.PathLike, reference_image: str | os
     scores = np.asarray(pred["scores"], dtype=np.float64)
     keep = scores >= score_threshold
     seg, order = rasterize_boxes(boxes[keep], scores[keep], shape)
+    if masks_module is not None:
+        if "masks_file" not in pred:
+            raise FileNotFoundError(f"{prediction_json}: predicted without masks; run nndet_predict --masks first")
+        masks, _ = masks_module.load_masks(Path(prediction_json).parent / pred["masks_file"])
+        kept = np.nonzero(keep)[0][order]  # instance k + 1 is finding kept[k], as for the boxes
+        seg = masks_module.paint_masks(masks, shape, keep=kept, scores=scores).astype(np.uint16)
     labels = np.asarray(pred["labels"])[keep][order]
     names = np.asarray(pred.get("class_names", [str(c) for c in pred["labels"]]), dtype=object)[keep][order]
     img = nib.Nifti1Image(seg, ref.affine)
@@ -89,13 +102,14 @@ def boxes_to_nifti(prediction_json: str | os.PathLike, reference_image: str | os
     save_json({"instances": {i: int(c) for i, c in zip(ids, labels, strict=True)},
                "scores": {i: float(s) for i, s in zip(ids, scores[keep][order], strict=True)},
                "class_names": {i: str(n) for i, n in zip(ids, names, strict=True)},
-               "score_threshold": float(score_threshold), "source": str(Path(prediction_json).name)},
+               "score_threshold": float(score_threshold), "source": str(Path(prediction_json).name),
+               "fill": "masks" if masks_module is not None else "boxes"},
               Path(out_dir) / f"{case}_boxes.json")
     return out
 
 
 def convert_folder(pred_dir: str | os.PathLike, images_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                   score_threshold: float = 0.5, overwrite: bool = False) -> list[Path]:
+                   score_threshold: float = 0.5, overwrite: bool = False, masks_module: Any = None) -> list[Path]:
     """:func:`boxes_to_nifti` for every ``*_boxes.json`` of ``pred_dir`` (reference ``<case>_0000.nii.gz``)."""
     files = sorted(Path(pred_dir).glob("*_boxes.json"))
     if not files:
@@ -106,6 +120,6 @@ def convert_folder(pred_dir: str | os.PathLike, images_dir: str | os.PathLike, o
         ref = Path(images_dir) / f"{case}_0000.nii.gz"
         if not ref.is_file():
             raise FileNotFoundError(f"{ref}: reference image of {f.name} missing (shape and affine come from it)")
-        written.append(boxes_to_nifti(f, ref, out_dir, score_threshold, overwrite))
+        written.append(boxes_to_nifti(f, ref, out_dir, score_threshold, overwrite, masks_module))
     logger.info("%d instance NIfTI file(s) written to %s", len(written), out_dir)
     return written

@@ -118,8 +118,9 @@ def inference_config(plan: Plan, model: str, folds: Sequence[int], params: dict[
         "_doc_": "Folder prediction with the ensemble of all consolidated folds x mirror TTA. Run (in this folder): "
                  "python -m monai.bundle run --config_file configs/inference.json --meta_file configs/metadata.json "
                  "--bundle_root . --input_dir <folder of <case>_XXXX.nii.gz> --output_dir <folder> [--num_tta 1] "
-                 "[--device cpu] [--overwrite True] [--postprocessing#ensemble_iou 0.4]. Writes <case>_boxes.json "
-                 "per case (boxes in original voxels and world mm).",
+                 "[--device cpu] [--overwrite True] [--masks True] [--postprocessing#ensemble_iou 0.4]. Writes "
+                 "<case>_boxes.json per case (boxes in original voxels and world mm); --masks True adds a mask per "
+                 "finding from the segmentation head (<case>_masks.npz).",
         "bundle_root": ".",
         "input_dir": None,
         "output_dir": "$@bundle_root + '/predictions'",
@@ -128,6 +129,7 @@ def inference_config(plan: Plan, model: str, folds: Sequence[int], params: dict[
         "amp": True,
         "overlap": 0.5,
         "overwrite": False,
+        "masks": False,
         "task": plan.task,
         "model": model,
         "classes": dict(plan.labels),
@@ -171,6 +173,7 @@ def inference_config(plan: Plan, model: str, folds: Sequence[int], params: dict[
             "amp": "@amp",
             "overlap": "@overlap",
             "classes": "@classes",
+            "masks": "@masks",
         },
         "run": {
             "_target_": "scripts.predict.predict_folder",

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from planner import paths
-from planner.io import load_json, save_json
+from planner.io import load_json
 from planner.shards import WrittenCounter, assign_devices, run_shards, split_round_robin, written_since
 from workflow.bundle_code import bundle_module
 from workflow.models import bundle_for, bundle_plan, folds_or_trained
@@ -37,7 +37,8 @@ BOXES_SUFFIX = "_boxes.json"  # <case>_boxes.json, the bundle's predict.OUTPUT_S
 def predict_test(task: str | int, model: str | None = None, plan: str | None = None,
                  folds: Sequence[int] | None = None, num_tta: int | None = None, overwrite: bool = False,
                  device: str | None = None, *, preprocess: bool = True, check: bool = False,
-                 num_processes_preprocessing: int | None = None, force_args: bool = False, gpus: int = 1) -> Path:
+                 num_processes_preprocessing: int | None = None, force_args: bool = False, gpus: int = 1,
+                 masks: bool = False) -> Path:
     """`nndet_predict TASK MODEL [--fold -1] [--no_preprocess] [--check] [-npp N] [--force_args] [--gpus N]`: the
     ensemble of ``folds`` (default: all trained) on the test cases; per case
     ``<bundle>/test_predictions/<case>_boxes.json``.
@@ -52,6 +53,8 @@ def predict_test(task: str | int, model: str | None = None, plan: str | None = N
         gpus: processes to split the cases to do over (:func:`planner.shards.assign_devices`: ``cuda:0`` ..
             ``cuda:N-1``, or N CPU processes without a GPU); 1 predicts in this process. With N > 1 a case that
             fails is reported at the end (``CasesFailed``) after the others are written.
+        masks: also a mask per finding from the segmentation head, ``<case>_masks.npz`` beside the json (the
+            bundle's ``scripts/masks.py``); cases predicted before without masks are redone.
 
     Raises:
         ValueError: model of another task without ``force_args``; test cases with another modality count;
@@ -78,7 +81,7 @@ def predict_test(task: str | int, model: str | None = None, plan: str | None = N
     images = images_dir(task_name, p, "Ts")
     cases = select_test_cases(task_name, p, bundle, images, preprocess)
     out = bundle / "test_predictions"
-    todo = cases_to_predict(out, cases, folds, overwrite)
+    todo = cases_to_predict(out, cases, folds, overwrite, masks)
     if not todo:
         logger.info("test predictions exist in %s (overwrite to recompute)", out)
         return out
@@ -88,22 +91,24 @@ def predict_test(task: str | int, model: str | None = None, plan: str | None = N
         preprocess_task(task_root, bundle, p, num_processes=nproc, splits=("Ts",))
     params = ensemble_params(bundle, folds)
     if devices is None:
-        predict_preprocessed(bundle, task_name, folds, todo, num_tta, params, device)
+        predict_preprocessed(bundle, task_name, folds, todo, num_tta, params, device, masks=masks)
     else:
         _run_case_shards(bundle, _test_shard, split_round_robin(todo, gpus), devices,
-                         (bundle, task_name, folds, num_tta, params), out, desc=f"predict test ({len(folds)} fold(s))")
+                         (bundle, task_name, folds, num_tta, params, masks), out,
+                         desc=f"predict test ({len(folds)} fold(s))")
     return out
 
 
 def predict_preprocessed(bundle: Path, task_name: str, folds: Sequence[int], cases: Sequence[str],
                          num_tta: int | None, params: dict | None, device: str | None = None,
-                         keep_going: bool = False) -> list[tuple[str, str]]:
+                         keep_going: bool = False, masks: bool = False) -> list[tuple[str, str]]:
     """The ensemble on preprocessed test cases (``preprocessed/<plan>/imagesTs/<case>.npy`` + ``.json``) ->
     ``<bundle>/test_predictions/<case>_boxes.json``, one case after the other.
 
     Args:
         params: the ensemble's postprocessing parameters (:func:`workflow.sweep.ensemble_params`).
         keep_going: a case that fails is logged and returned, and the next one predicted (else it raises).
+        masks: also ``<case>_masks.npz`` (a mask per finding, the bundle's ``predict.attach_masks``).
 
     Returns:
         (case id, reason) of the cases that failed (``keep_going`` only).
@@ -121,9 +126,13 @@ def predict_preprocessed(bundle: Path, task_name: str, folds: Sequence[int], cas
             props = load_json(images / f"{case}.json")
             image = np.load(images / f"{case}.npy", mmap_mode="r")
             pred = inference.predict_case(dets, image, p.patch_size, p.batch_size, num_tta=num_tta, params=params,
-                                          device=dev).detections
-            save_json(predict.prediction_record(case, pred, props, props["affine"], p.labels, params, task_name,
-                                                bundle.name, folds), out / f"{case}{BOXES_SUFFIX}")
+                                          device=dev, masks=masks)
+            record = predict.prediction_record(case, pred.detections, props, props["affine"], p.labels, params,
+                                               task_name, bundle.name, folds)
+            if masks:
+                record["original_shape"] = list(props["original_shape"])
+                record["finding_masks"] = predict.attach_masks(record, pred.seg_prob, props, props["original_shape"])
+            predict.write_prediction(record, out)
         except Exception as e:  # noqa: BLE001 -- with keep_going, reported with the case at the end
             if not keep_going:
                 raise
@@ -133,17 +142,18 @@ def predict_preprocessed(bundle: Path, task_name: str, folds: Sequence[int], cas
 
 
 def _test_shard(cases: list[str], device: str, bundle: Path, task_name: str, folds: Sequence[int],
-                num_tta: int | None, params: dict | None) -> list[tuple[str, str]]:
+                num_tta: int | None, params: dict | None, masks: bool = False) -> list[tuple[str, str]]:
     """One process's share of :func:`predict_test` (:func:`planner.shards.run_shards` runs it)."""
-    return predict_preprocessed(bundle, task_name, folds, cases, num_tta, params, device, keep_going=True)
+    return predict_preprocessed(bundle, task_name, folds, cases, num_tta, params, device, keep_going=True,
+                                masks=masks)
 
 
 def _dir_shard(cases: list, device: str, bundle: Path, task_name: str, folds: Sequence[int], num_tta: int | None,
-               params: dict | None, output_dir: Path, overwrite: bool) -> list[tuple[str, str]]:
+               params: dict | None, output_dir: Path, overwrite: bool, masks: bool = False) -> list[tuple[str, str]]:
     """One process's share of :func:`predict_dir`: the bundle's ``predict_folder`` on its cases; the failures."""
     predict = bundle_module(bundle, "predict")
     try:
-        predict.predict_folder(cases, output_dir, folder_predictor(bundle, folds, num_tta, params, device),
+        predict.predict_folder(cases, output_dir, folder_predictor(bundle, folds, num_tta, params, device, masks),
                                overwrite=overwrite, task=task_name, model=bundle.name, folds=folds)
     except predict.CasesFailed as e:
         return e.failures
@@ -173,27 +183,28 @@ def _run_case_shards(bundle: Path, target, shards: list[list], devices, args: tu
 
 
 def folder_predictor(bundle: Path, folds: Sequence[int], num_tta: int | None, params: dict | None,
-                     device: str | None = None):
-    """The bundle's ``Predictor`` (its preprocessing definition, the folds' detectors, ``params``) on ``device``."""
+                     device: str | None = None, masks: bool = False):
+    """The bundle's ``Predictor`` (its preprocessing definition, the folds' detectors, ``params``, a mask per
+    finding with ``masks``) on ``device``."""
     from planner.preprocess.run import load_preprocessing
 
     p, predict = bundle_plan(bundle), bundle_module(bundle, "predict")
     dets = [load_detector(bundle, f, "last", device) for f in folds]
     return predict.Predictor(dets, load_preprocessing(bundle), p.patch_size, p.batch_size, num_tta=num_tta,
-                             params=params, device=resolve_device(bundle, device), classes=p.labels)
+                             params=params, device=resolve_device(bundle, device), classes=p.labels, masks=masks)
 
 
 def predict_dir(task: str | int, input_dir: str | Path, output_dir: str | Path, model: str | None = None,
                 plan: str | None = None, folds: Sequence[int] | None = None, num_tta: int | None = None,
                 overwrite: bool = False, device: str | None = None, check: bool = False,
-                num_processes: int | None = None, gpus: int = 1) -> Path:
+                num_processes: int | None = None, gpus: int = 1, masks: bool = False) -> Path:
     """`nndet_predict TASK --input_dir IN --output_dir OUT [--gpus N]`: any folder of raw NIfTI cases
     (``<case>_0000.nii.gz`` per modality) through the bundle's own preprocessing definition and the fold ensemble;
     writes ``<output_dir>/<case>_boxes.json`` with the fields of :func:`predict_test` (the consolidated bundle's
     ``inference.json`` runs the same function). ``check``: :func:`planner.checks.check_input_folder` first.
     ``gpus``: the cases without an output (all with ``overwrite``) split over N processes as in
     :func:`predict_test`. A case that fails is reported at the end (``CasesFailed``) after the others are
-    written."""
+    written. ``masks``: a mask per finding too (``<case>_masks.npz``)."""
     task_name = paths.resolve_task(task)
     bundle = bundle_for(task_name, model, plan)
     p = bundle_plan(bundle)
@@ -209,14 +220,15 @@ def predict_dir(task: str | int, input_dir: str | Path, output_dir: str | Path, 
     params = ensemble_params(bundle, folds)
     out = Path(output_dir)
     if devices is None:
-        return predict.predict_folder(cases, out, folder_predictor(bundle, folds, num_tta, params, device),
+        return predict.predict_folder(cases, out, folder_predictor(bundle, folds, num_tta, params, device, masks),
                                       overwrite=overwrite, task=task_name, model=bundle.name, folds=folds)
-    todo = [c for c in cases if overwrite or not (out / f"{c.case_id}{BOXES_SUFFIX}").is_file()]
+    todo = [c for c in cases if overwrite or not (out / f"{c.case_id}{BOXES_SUFFIX}").is_file()
+            or (masks and not (out / f"{c.case_id}_masks.npz").is_file())]
     if len(todo) < len(cases):
         logger.info("%d case(s) already predicted in %s, skipped (overwrite to recompute)", len(cases) - len(todo),
                     out)
     if todo:
         _run_case_shards(bundle, _dir_shard, split_round_robin(todo, gpus, key=lambda c: c.case_id), devices,
-                         (bundle, task_name, folds, num_tta, params, out, overwrite), out,
+                         (bundle, task_name, folds, num_tta, params, out, overwrite, masks), out,
                          desc=f"predict ({len(folds)} fold(s))")
     return out

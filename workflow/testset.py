@@ -76,8 +76,10 @@ def select_test_cases(task_name: str, p: Plan, bundle: Path, images_dir: Path, p
     return done
 
 
-def cases_to_predict(out: Path, cases: Sequence[str], folds: Sequence[int], overwrite: bool) -> list[str]:
-    """Cases without a prediction; existing ones made with other folds are an error, not kept silently."""
+def cases_to_predict(out: Path, cases: Sequence[str], folds: Sequence[int], overwrite: bool,
+                     masks: bool = False) -> list[str]:
+    """Cases without a prediction (with ``masks``: or without its ``<case>_masks.npz``); existing ones made with
+    other folds are an error, not kept silently."""
     if overwrite:
         return list(cases)
     existing = {c: load_json(out / f"{c}_boxes.json") for c in cases if (out / f"{c}_boxes.json").is_file()}
@@ -88,4 +90,4 @@ def cases_to_predict(out: Path, cases: Sequence[str], folds: Sequence[int], over
                               f"{[list(m) for m in made]}, not the requested {sorted(folds)} (e.g. "
                               f"{next(iter(stale))}_boxes.json); rerun with --overwrite (overwrite=True) to replace "
                               "them, or delete the folder")
-    return [c for c in cases if c not in existing]
+    return [c for c in cases if c not in existing or (masks and not (out / f"{c}_masks.npz").is_file())]

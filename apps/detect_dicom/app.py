@@ -87,6 +87,8 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m apps.de
     p.add_argument("--num_tta", type=int, default=None, help="mirror TTA per fold (1, 4 or 8; default the bundle's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace a series' existing output folder")
+    p.add_argument("--masks", action="store_true", help="a mask per finding from the segmentation head in the SEG "
+                   "(default: each finding's box filled)")
     p.add_argument("--processes", "--gpus", dest="processes", type=int, default=1, metavar="N",
                    help="split the series over N processes, one per GPU (cuda:0..N-1), or N CPU processes when there "
                         "is no GPU (or with --device cpu); series with outputs are not predicted again (default 1)")
@@ -131,9 +133,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m apps.detect_d
             from apps.detect_dicom.batch import run_sharded
 
             results = run_sharded(run_app, input_dir, output_dir, bundle, rules, a.processes, num_tta=a.num_tta,
-                                  device=a.device, operating_point=a.operating_point, overwrite=a.overwrite)
+                                  device=a.device, operating_point=a.operating_point, overwrite=a.overwrite,
+                                  masks=a.masks)
         else:
-            model = pipeline.load_model(bundle, num_tta=a.num_tta, device=a.device, operating_point=a.operating_point)
+            model = pipeline.load_model(bundle, num_tta=a.num_tta, device=a.device, operating_point=a.operating_point,
+                                        masks=a.masks)
             results = run_app(input_dir, output_dir, model, rules, a.overwrite)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

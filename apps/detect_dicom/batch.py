@@ -94,11 +94,11 @@ def _link_folder(series: Sequence[SeriesFiles], folder: Path) -> Path:
 
 def _shard(series: list[SeriesFiles], device: str, run_app: Callable[..., Any], tmp: str, output_dir: str,
            bundle: str, rules: dict, num_tta: int | None, operating_point: float | None,
-           overwrite: bool) -> dict[str, Any]:
+           overwrite: bool, masks: bool = False) -> dict[str, Any]:
     """One process's share: the app (``run_app``) on a folder of links to its series; returns its report."""
     own = make_temp_dir("shard-", dir=tmp)
     links, report = _link_folder(series, own / "dicom"), own / pipeline.REPORT_NAME
-    model = pipeline.load_model(bundle, num_tta=num_tta, device=device, operating_point=operating_point)
+    model = pipeline.load_model(bundle, num_tta=num_tta, device=device, operating_point=operating_point, masks=masks)
     run_app(links, Path(output_dir), model, rules, overwrite, report_file=report)
     return load_json(report)
 
@@ -128,7 +128,8 @@ def _from_outputs(s: SeriesFiles, out: Path, why: str, since_ns: int) -> pipelin
 
 def run_sharded(run_app: Callable[..., Any], input_dir: Path, output_dir: Path, bundle: Path, rules: dict,
                 processes: int, *, num_tta: int | None = None, device: str | None = None,
-                operating_point: float | None = None, overwrite: bool = False) -> list[pipeline.SeriesResult]:
+                operating_point: float | None = None, overwrite: bool = False,
+                masks: bool = False) -> list[pipeline.SeriesResult]:
     """The app on every series of ``input_dir`` with ``processes`` processes; writes ``<output_dir>/report.json``
     and returns the series results in input order (the statuses of one process).
 
@@ -162,7 +163,7 @@ def run_sharded(run_app: Callable[..., Any], input_dir: Path, output_dir: Path, 
             shards = split_round_robin(todo, processes, key=lambda s: s.series_instance_uid)
             outcomes = run_shards(_shard, shards, devices[: len(shards)],
                                   (run_app, str(tmp), str(output_dir), str(bundle), rules, num_tta, operating_point,
-                                   overwrite),
+                                   overwrite, masks),
                                   desc="series", unit="series")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -81,6 +81,7 @@ class Finding:
     score: float
     box_voxel: tuple[int, int, int, int, int, int]
     box_lps_mm: tuple[float, float, float, float, float, float]
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def center_slice(self) -> int:
@@ -114,6 +115,8 @@ def findings_from_prediction(pred: Mapping[str, Any], volume: DicomVolume,
             ``scores`` [N], ``labels`` [N] (0-based), as the bundle's predictor returns them.
         volume: the volume the prediction was made on.
         classes: label index -> class name (the bundle's ``{"0": "nodule"}`` or a list).
+            With ``finding_masks`` in ``pred`` (a predictor with masks on) each finding gets its ``mask``:
+            bool ``[s1 - s0, r1 - r0, c1 - c0]`` over its ``box_voxel`` (slice, row, column order).
 
     Returns:
         Findings sorted by descending score, ``index`` 1..N, boxes on the nearest voxel edges, clipped to the
@@ -133,6 +136,21 @@ def findings_from_prediction(pred: Mapping[str, Any], volume: DicomVolume,
         hi = np.clip(np.rint([k1, j1, i1]), 0, shape).astype(int)
         hi = np.maximum(hi, lo + 1)
         vox = (*lo.tolist(), *hi.tolist())
+        mask = _mask_in_box(pred["finding_masks"][n], vox) if "finding_masks" in pred else None
         out.append(Finding(rank, int(labels[n]), str(names(int(labels[n]))), float(scores[n]), vox,
-                           voxel_box_to_lps(vox, volume.affine)))
+                           voxel_box_to_lps(vox, volume.affine), mask))
+    return out
+
+
+def _mask_in_box(finding_mask: Any, box: tuple[int, ...]) -> np.ndarray:
+    """A predictor's mask (``offset`` + ``mask`` in (i, j, k) = (column, row, slice)) on the finding's box
+    (slice, row, column), the part outside the box dropped."""
+    m = np.transpose(np.asarray(finding_mask.mask, bool), (2, 1, 0))
+    off = np.asarray(finding_mask.offset[::-1], int)
+    lo, hi = np.asarray(box[:3], int), np.asarray(box[3:], int)
+    out = np.zeros(tuple(hi - lo), bool)
+    a, b = np.maximum(lo, off), np.minimum(hi, off + m.shape)
+    if (b > a).all():
+        out[tuple(slice(x - s, y - s) for x, y, s in zip(a, b, lo, strict=True))] = \
+            m[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, off, strict=True))]
     return out

@@ -81,8 +81,11 @@ def operating_point_of(meta: Mapping[str, Any], override: float | None = None) -
 
 
 def load_model(bundle: str | Path, *, num_tta: int | None = None, device: str | None = None,
-               operating_point: float | None = None) -> Model:
+               operating_point: float | None = None, masks: bool = False) -> Model:
     """Build the consolidated bundle's ``predictor`` with ``monai.bundle.ConfigParser`` (``configs/inference.json``).
+
+    ``masks``: the predictor also gives a mask per finding (the segmentation head, the bundle's ``scripts/masks.py``),
+    which the SEG then holds instead of filled boxes.
 
     Raises:
         FileNotFoundError: ``bundle`` is not a consolidated bundle (the message says how to make one).
@@ -105,6 +108,10 @@ def load_model(bundle: str | Path, *, num_tta: int | None = None, device: str | 
         parser["num_tta"] = int(num_tta)
     if device is not None:
         parser["device"] = f"$torch.device('{device}')"
+    if masks:
+        if "masks" not in parser:
+            raise ValueError(f"{cfg}: this consolidated bundle predates masks per finding; consolidate again")
+        parser["masks"] = True
     if "predictor" not in parser:
         raise FileNotFoundError(f"{cfg}: no 'predictor' (made by an older nndet_consolidate); consolidate again")
     predictor = parser.get_parsed_content("predictor")

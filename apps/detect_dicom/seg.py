@@ -1,5 +1,6 @@
 """The findings of one series as a DICOM Segmentation (highdicom): one segment per finding above the operating
-point, the box filled (the bundle predicts boxes, not masks), labelled and tracked like the SR's groups.
+point, labelled and tracked like the SR's groups. A segment is the finding's mask when the predictor made masks
+(``--masks``: the segmentation head's foreground inside the box), else (or when that mask is empty) its box filled.
 
 Only the slices a box spans are source images of the SEG (empty frames are never written), so a 300-slice CT
 with a few small findings stays small in memory and on disk.
@@ -36,7 +37,8 @@ def build_seg(volume: DicomVolume, findings: Sequence[Finding], *, operating_poi
     segments = []
     for n, f in enumerate(shown):
         s0, r0, c0, s1, r1, c1 = f.box_voxel
-        mask[where[s0]:where[s1 - 1] + 1, r0:r1, c0:c1, n] = True
+        own = f.mask if f.mask is not None and f.mask.any() else True
+        mask[where[s0]:where[s1 - 1] + 1, r0:r1, c0:c1, n] = own
         segments.append(hd.seg.SegmentDescription(
             segment_number=n + 1, segment_label=f"Finding {f.index}: {comment(f)}"[:64],
             segmented_property_category=cc.MORPHOLOGIC_ABNORMALITY, segmented_property_type=cc.finding_type(f.class_name),

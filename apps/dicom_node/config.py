@@ -56,6 +56,7 @@ class NodeConfig:
     rules: Path | None = None
     device: str | None = None
     num_tta: int | None = None
+    masks: bool = False
     operating_point: float | None = None
     idle_seconds: float = 30.0
     complete_on_release: bool = False
@@ -88,7 +89,7 @@ def resolve(host: str) -> set[str]:
         return set()
 
 
-_TOP = {"ae_title", "port", "host", "model", "spool", "peers", "destination", "rules", "device", "num_tta",
+_TOP = {"ae_title", "port", "host", "model", "spool", "peers", "destination", "rules", "device", "num_tta", "masks",
         "operating_point", "series", "queue", "send", "tls", "audit_log"}
 _SECTIONS = {"series": {"idle_seconds", "complete_on_release"}, "queue": {"max_series"},
              "send": {"retry_initial_seconds", "retry_max_seconds", "network_timeout_seconds"},
@@ -218,6 +219,9 @@ def parse_config(raw: Mapping[str, Any], path: Path | None = None) -> NodeConfig
     num_tta = raw.get("num_tta")
     if num_tta is not None and num_tta not in (1, 4, 8):
         raise NodeConfigError(f"{where('num_tta')}: 1, 4 or 8 (mirror TTA per fold), got {num_tta!r}")
+    masks = raw.get("masks", False)
+    if not isinstance(masks, bool):
+        raise NodeConfigError(f"{where('masks')}: true or false (a mask per finding in the SEG), got {masks!r}")
     device = raw.get("device")
     if device is not None and device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
         raise NodeConfigError(f"{where('device')}: cpu, cuda or cuda:N, got {device!r}")
@@ -231,7 +235,7 @@ def parse_config(raw: Mapping[str, Any], path: Path | None = None) -> NodeConfig
         ae_title=_ae_title(raw["ae_title"], where("ae_title")), port=_port(raw["port"], where("port")),
         model=_path(raw["model"], where("model"), base, must_exist=True), spool=_path(raw["spool"], where("spool"), base),
         host=host, peers=parsed_peers, destination=dest,
-        rules=_path(raw.get("rules"), where("rules"), base, must_exist=True), device=device, num_tta=num_tta,
+        rules=_path(raw.get("rules"), where("rules"), base, must_exist=True), device=device, num_tta=num_tta, masks=masks,
         operating_point=None if op is None else float(op),
         idle_seconds=float(_number(series.get("idle_seconds", 30.0), where("series.idle_seconds"), 0.1)),
         complete_on_release=_bool(series.get("complete_on_release", False), where("series.complete_on_release")),

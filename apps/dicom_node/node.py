@@ -105,7 +105,8 @@ class Node:
         self.started_at = time.time()
         self.rules = load_rules(self.cfg.rules)
         self.model = pipeline.load_model(resolve_bundle(self.cfg.model), num_tta=self.cfg.num_tta,
-                                         device=self.cfg.device, operating_point=self.cfg.operating_point)
+                                         device=self.cfg.device, operating_point=self.cfg.operating_point,
+                                         masks=self.cfg.masks)
         self.forward = ForwardTimer(self.model.predictor)
         self.receiver = Receiver(self.cfg, self.spool.store_instance, self._released, self.spool.backlog, self.audit)
         self.receiver.start()
@@ -343,7 +344,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "nndet_dicom_node") -> i
 
         try:
             m = pipeline.load_model(resolve_bundle(cfg.model), num_tta=cfg.num_tta, device=cfg.device,
-                                    operating_point=cfg.operating_point)
+                                    operating_point=cfg.operating_point, masks=cfg.masks)
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

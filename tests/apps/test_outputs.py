@@ -192,3 +192,40 @@ def test_a_box_on_the_far_edge_stays_one_voxel_inside(case, tmp_path):
     assert f.box_voxel == (s - 1, r - 1, c - 1, s, r, c)
     seg = write_seg(vol, [f], tmp_path / "edge_seg.dcm", operating_point=0.5)
     assert seg is not None and pydicom.dcmread(seg).NumberOfFrames == 1
+
+
+def test_seg_holds_each_findings_mask_when_the_predictor_made_masks(case, tmp_path):
+    """Masks (i, j, k) from the predictor end up (slice, row, column) in the SEG segment of their finding, the part
+    outside the box dropped; a finding whose mask is empty keeps its filled box; dciodvfy finds no error."""
+    from bundles.retinaunet_template.scripts.masks import FindingMask
+
+    vol = case["vol"]
+    ijk_shape = vol.array.shape[::-1]
+    want_ijk = []
+    masks = []
+    for n, box in enumerate(PRED["boxes"]):
+        lo = [int(np.floor(v)) for v in box[:3]]
+        hi = [int(np.ceil(v)) for v in box[3:]]
+        m = np.zeros([h - lo_ for lo_, h in zip(lo, hi, strict=True)], bool)
+        if n == 0:
+            m[1:4, 2:5, 1:3] = True  # a blob inside finding 1's box
+        full = np.zeros(ijk_shape, bool)
+        full[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))] = m
+        masks.append(FindingMask(tuple(lo), m))
+        want_ijk.append(full)
+    findings = findings_from_prediction({**PRED, "finding_masks": masks}, vol, CLASSES)
+    path = write_seg(vol, findings, tmp_path / "seg.dcm", operating_point=0.5)
+    assert dciodvfy_errors(path) == []
+    seg = hd.seg.segread(path)
+    uids = list(vol.sop_instance_uids)
+    by_score = np.argsort(-np.asarray(PRED["scores"]), kind="stable")
+    for n, f in enumerate([f for f in findings if f.score >= 0.5], start=1):
+        got = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[n],
+                                                ignore_spatial_locations=True, assert_missing_frames_are_empty=True)
+        want = np.transpose(want_ijk[by_score[n - 1]], (2, 1, 0))
+        if not want.any():  # empty mask: the box
+            s0, r0, c0, s1, r1, c1 = f.box_voxel
+            want = np.zeros(vol.array.shape, bool)
+            want[s0:s1, r0:r1, c0:c1] = True
+        np.testing.assert_array_equal(got[..., 0].astype(bool), want)
+    assert findings[0].mask.sum() == 3 * 3 * 2

@@ -184,3 +184,42 @@ def test_check_test_cases_lists_every_problem_and_needs_no_labels(tmp_path):
     with pytest.raises(DatasetError) as exc:
         check_test_cases(task, num_processes=2)
     assert sorted(f for f, _ in exc.value.problems) == [str(ts / "case_2_0001.nii.gz"), str(ts / "case_3_0000.nii.gz")]
+
+
+def test_masks_per_finding_through_predict_boxes2nii_and_eval(bundle):
+    """--masks: predictions made without masks are redone with them; each mask lies inside its box;
+    nndet_boxes2nii --masks fills the masks (same ids as the boxes); nndet_eval --test --masks scores them."""
+    import nibabel as nib
+    import numpy as np
+
+    from bundles.retinaunet_template.scripts.masks import load_masks
+
+    cli.predict_main(["000", "--plan", PLAN, "--fold", "0", "--num_tta", "1", "--no_preprocess"])
+    pred_dir = bundle / "test_predictions"
+    assert not list(pred_dir.glob("*_masks.npz"))
+    cli.predict_main(["000", "--plan", PLAN, "--fold", "0", "--num_tta", "1", "--no_preprocess", "--masks"])
+    for case in TEST_CASES:
+        d = json.loads((pred_dir / f"{case}_boxes.json").read_text())
+        assert d["masks_file"] == f"{case}_masks.npz" and len(d["mask_voxels"]) == len(d["boxes"]) > 0
+        masks, shape = load_masks(pred_dir / d["masks_file"])
+        assert shape == tuple(d["original_shape"]) and len(masks) == len(d["boxes"])
+        for m, box, n in zip(masks, d["boxes"], d["mask_voxels"], strict=True):
+            assert m.voxels == n
+            assert all(np.floor(box[a]) <= m.offset[a] and m.offset[a] + m.mask.shape[a] <= np.ceil(box[a + 3])
+                       for a in range(3))
+    cli.main(["boxes2nii", "000", "--plan", PLAN, "--masks", "--threshold", "0", "--overwrite"])
+    d = json.loads((pred_dir / f"{TEST_CASES[0]}_boxes.json").read_text())
+    masks, _ = load_masks(pred_dir / d["masks_file"])
+    seg = np.asarray(nib.load(str(bundle / "test_predictions_nii" / f"{TEST_CASES[0]}_boxes.nii.gz")).dataobj)
+    meta = json.loads((bundle / "test_predictions_nii" / f"{TEST_CASES[0]}_boxes.json").read_text())
+    assert meta["fill"] == "masks"
+    top = masks[int(np.argmax(d["scores"]))]  # instance 1 is the highest-scoring finding: all its mask voxels
+    full = np.zeros(seg.shape, bool)
+    full[top.region()] = top.mask
+    assert (seg[full] == 1).all() and ((seg == 1) <= full).all()
+    cli.eval_main(["000", "--plan", PLAN, "--test", "--masks", "--no_plots"])
+    res = json.loads((bundle / "test_results" / "mask_dice.json").read_text())
+    assert res["pooled"]["objects"] == len(TEST_CASES)
+    assert (bundle / "test_results" / "mask_dice.csv").is_file()
+    with pytest.raises(SystemExit, match="--masks scores the test predictions"):
+        cli.eval_main(["000", "--plan", PLAN, "--masks"])

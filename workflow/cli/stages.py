@@ -131,12 +131,17 @@ def eval_main(argv: list[str] | None = None) -> None:
                    help="nndetection: predictions and ground truth in nnDetection's box extent (min - 1, max + 1), "
                         "the one to use when comparing with published nnDetection numbers; written to "
                         "val_results_nndetection/ (test_results_nndetection/)")
+    p.add_argument("--masks", action="store_true", help="with --test: Dice of each detected object's mask "
+                   "(nndet_predict --masks) with its instance in labelsTs -> test_results/mask_dice.json + .csv")
     a = p.parse_intermixed_args(argv)
     setup_logging()
     from workflow.evaluate import evaluate_fold, evaluate_test, operating_points_text
     from workflow.models import bundle_for
 
     model, fold = _model_and_fold(a.model, a.fold)
+    if a.masks and not a.test:
+        raise SystemExit("--masks scores the test predictions' masks: run nndet_predict --masks, then "
+                         "nndet_eval --test --masks (validation predictions keep boxes only)")
     if a.test:
         metrics = run_api(evaluate_test, a.task, model=model, plan=a.plan, plots=not a.no_plots,
                        analyze_boxes=a.analyze_boxes, box_convention=a.box_convention)
@@ -156,6 +161,10 @@ def eval_main(argv: list[str] | None = None) -> None:
         from workflow.analysis import ANALYSIS_DIR, format_summary
 
         print(format_summary(load_json(out / ANALYSIS_DIR / "summary.json")))
+    if a.masks:
+        from workflow.mask_eval import evaluate_test_masks, mask_dice_table
+
+        print("\n" + mask_dice_table(run_api(evaluate_test_masks, a.task, model=model, plan=a.plan)))
 
 
 def predict_main(argv: list[str] | None = None) -> None:
@@ -176,6 +185,8 @@ def predict_main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpus", type=int, default=1, metavar="N", help="split the cases over N processes, one per GPU "
                    "(cuda:0..N-1), or N CPU processes (cores // N threads each) when there is no GPU; each case is "
                    "written once, a rerun does the missing ones (default 1: this process)")
+    p.add_argument("--masks", action="store_true", help="also a mask per finding from the segmentation head: "
+                   "<case>_masks.npz beside <case>_boxes.json (nndet_boxes2nii --masks, nndet_eval --test --masks)")
     a = p.parse_intermixed_args(argv)
     setup_logging()
     from workflow.predict import predict_dir, predict_test
@@ -189,11 +200,12 @@ def predict_main(argv: list[str] | None = None) -> None:
                              "are always preprocessed in memory)")
         out = run_api(predict_dir, a.task, a.input_dir, a.output_dir, model=a.model, plan=a.plan, folds=folds,
                    num_tta=a.num_tta, overwrite=a.overwrite, check=a.check,
-                   num_processes=a.num_processes_preprocessing, gpus=a.gpus)
+                   num_processes=a.num_processes_preprocessing, gpus=a.gpus, masks=a.masks)
     else:
         out = run_api(predict_test, a.task, model=a.model, plan=a.plan, folds=folds, num_tta=a.num_tta,
                    overwrite=a.overwrite, preprocess=not a.no_preprocess, check=a.check,
-                   num_processes_preprocessing=a.num_processes_preprocessing, force_args=a.force_args, gpus=a.gpus)
+                   num_processes_preprocessing=a.num_processes_preprocessing, force_args=a.force_args, gpus=a.gpus,
+                   masks=a.masks)
     print(f"predictions: {out}")
 
 
@@ -259,14 +271,17 @@ def boxes2nii_main(argv: list[str] | None = None) -> None:
     p.add_argument("--images_dir", default=None, help="reference images (default raw_splitted/imagesTs)")
     p.add_argument("--out_dir", default=None, help="default <bundle>/test_predictions_nii")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--masks", action="store_true", help="fill each finding's mask (nndet_predict --masks) instead of "
+                   "its box")
     a = p.parse_args(argv)
     setup_logging()
     from workflow.boxes2nii import convert_folder
+    from workflow.bundle_code import bundle_module
     from workflow.models import bundle_for
 
     bundle = run_api(bundle_for, a.task, a.model, a.plan)
     task_root = paths.det_data() / paths.resolve_task(a.task)
     written = run_api(convert_folder, a.pred_dir or bundle / "test_predictions",
                    a.images_dir or task_root / "raw_splitted" / "imagesTs", a.out_dir or bundle / "test_predictions_nii",
-                   a.threshold, a.overwrite)
+                   a.threshold, a.overwrite, masks_module=bundle_module(bundle, "masks") if a.masks else None)
     print(f"{len(written)} instance NIfTI file(s) in {written[0].parent if written else a.out_dir}")

@@ -123,6 +123,7 @@ class CasePrediction:
     member_names: list[str]
     shape: tuple[int, ...]
     params: dict[str, Any]
+    seg_prob: np.ndarray | None = None  # ``masks=True``: mean foreground probability [*shape] (scripts.masks)
 
 
 # ------------------------------------------------------------------------------------ tiling
@@ -236,7 +237,8 @@ def _as_numpy(image: Any) -> np.ndarray:
 
 def predict_member_raw(detector: Detector, image: np.ndarray | torch.Tensor, patch_size: Sequence[int],
                        batch_size: int, flip_axes: Sequence[int] = (), device: str | torch.device = "cpu",
-                       amp: bool = True, overlap: float = 0.5, progress: bool = False) -> Detections:
+                       amp: bool = True, overlap: float = 0.5, progress: bool = False,
+                       seg: Any = None) -> Detections:
     """Raw detections of one (model, mirror) member over all tiles of a case.
 
     Tiles go in batches of ``batch_size`` under ``torch.no_grad``, with autocast (``amp``: float16 on CUDA,
@@ -248,6 +250,8 @@ def predict_member_raw(detector: Detector, image: np.ndarray | torch.Tensor, pat
         detector: see ``Detector``; image: ``[C, *spatial]`` preprocessed case (numpy, memmap, tensor).
         patch_size, batch_size: the plan's tile size and tiles per forward pass.
         flip_axes: spatial axes mirrored for this member; overlap: tile overlap; progress: tqdm bar.
+        seg: a ``scripts.masks.SegAccumulator``: the detector is called with ``return_seg=True`` and each tile's
+            un-mirrored foreground probability is added to it.
 
     Returns:
         All boxes of all tiles, un-mirrored, in voxels of the unpadded ``image`` (not clipped), with their
@@ -259,6 +263,9 @@ def predict_member_raw(detector: Detector, image: np.ndarray | torch.Tensor, pat
         raise ValueError(f"image must be [C, *spatial] with {dim} spatial axes, got shape {vol.shape}")
     padded, lower = pad_to_patch(vol, patch_size)
     starts = tile_starts(padded.shape[1:], patch_size, overlap)
+    if seg is not None:
+        seg.start(padded.shape[1:], lower, vol.shape[1:], starts, patch_size)
+    call = detector if seg is None else (lambda b: detector(b, return_seg=True))
     device = torch.device(device)
     layout = precision.memory_format(device, amp, dim)
     if isinstance(detector, nn.Module):
@@ -271,12 +278,17 @@ def predict_member_raw(detector: Detector, image: np.ndarray | torch.Tensor, pat
                           for st in group]).astype(np.float32, copy=False)
         batch = flip_images(torch.from_numpy(tiles), flip_axes).to(device).contiguous(memory_format=layout)
         with torch.no_grad(), precision.autocast(device, amp):
-            outputs = detector(batch)
+            outputs = call(batch)
         for st, out in zip(group, outputs, strict=True):
+            if seg is not None:
+                prob = flip_images(out["seg_probs"][None, None].float(), flip_axes)[0, 0]
+                seg.add(prob.cpu().numpy(), st)
             boxes = unflip_boxes(out["boxes"].detach().float().cpu().numpy().reshape(-1, 2 * dim), flip_axes,
                                  patch_size)
             parts.append(Detections(shift_boxes(boxes, np.subtract(st, lower)), out["scores"].float().cpu().numpy(),
                                     out["labels"].cpu().numpy(), position_weights(boxes, [0] * dim, patch_size)))
+    if seg is not None:
+        seg.end_member()
     return Detections.concat(parts, dim)
 
 
@@ -362,7 +374,8 @@ def postprocess_members(members: Sequence[Detections], shape: Sequence[int],
 def predict_case(detectors: Sequence[Detector], image: np.ndarray | torch.Tensor, patch_size: Sequence[int],
                  batch_size: int, num_tta: int | None = None, params: Mapping[str, Any] | None = None,
                  device: str | torch.device = "cpu", amp: bool = True, overlap: float = 0.5,
-                 model_weights: Sequence[float] | None = None, progress: bool = False) -> CasePrediction:
+                 model_weights: Sequence[float] | None = None, progress: bool = False,
+                 masks: bool = False) -> CasePrediction:
     """Detect objects in one preprocessed case with every model (fold) x mirror TTA, then ensemble.
 
     Args:
@@ -372,6 +385,8 @@ def predict_case(detectors: Sequence[Detector], image: np.ndarray | torch.Tensor
         params: postprocessing parameters (``DEFAULT_PARAMS`` keys, e.g. a sweep result).
         model_weights: factor per model on the position weights (default 1; reset by weighted NMS, as
             in nnDetection).
+        masks: also average the segmentation head's foreground probability over every tile, mirror and
+            model (``CasePrediction.seg_prob``; one float32 array of the case, ``scripts.masks``).
 
     Returns:
         Final detections and raw members, in voxel coordinates of ``image``.
@@ -384,16 +399,21 @@ def predict_case(detectors: Sequence[Detector], image: np.ndarray | torch.Tensor
         raise ValueError(f"need one or more detectors and one weight each, got {len(detectors)} and {len(weights)}")
     tic, vol = time.perf_counter(), _as_numpy(image)
     members, names = [], []
+    seg = None
+    if masks:
+        from .masks import SegAccumulator
+
+        seg = SegAccumulator()
     for i, (det, w) in enumerate(zip(detectors, weights, strict=True)):
         for t, axes in enumerate(flips):
-            raw = predict_member_raw(det, vol, patch_size, batch_size, axes, device, amp, overlap, progress)
+            raw = predict_member_raw(det, vol, patch_size, batch_size, axes, device, amp, overlap, progress, seg)
             members.append(Detections(raw.boxes, raw.scores, raw.labels, raw.weights * w))
             names.append(f"model{i}_t{t}")
     shape = tuple(int(s) for s in vol.shape[1:])
     final = postprocess_members(members, shape, p)
     logger.info("case %s: %d member(s), %d raw box(es) -> %d detection(s) in %.1f s", shape, len(members),
                 sum(len(m) for m in members), len(final), time.perf_counter() - tic)
-    return CasePrediction(final, members, names, shape, p)
+    return CasePrediction(final, members, names, shape, p, None if seg is None else seg.probability())
 
 
 # ------------------------------------------------------------------------------------ raw results I/O

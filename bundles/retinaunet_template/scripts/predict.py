@@ -40,6 +40,7 @@ from planner.nifti import load_case, spacing_from_affine
 from planner.preprocess.transforms import IMAGE_KEY, SPACING_KEY, to_numpy
 
 from .inference import predict_case, restore_boxes, voxel_boxes_to_world
+from .masks import MASKS_SUFFIX, FindingMask, finding_masks, save_masks
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,26 @@ def prediction_record(case_id: str, det: Any, properties: Mapping[str, Any], aff
         "labels": labels.tolist(), "class_names": [classes.get(str(int(c)), str(int(c))) for c in labels],
         "box_mode": BOX_MODE, "world_frame": WORLD_FRAME, "params": params,
     }
+
+
+def attach_masks(record: dict[str, Any], seg_prob: np.ndarray, properties: Mapping[str, Any],
+                 original_shape: Sequence[int]) -> list[FindingMask]:
+    """A mask per box of ``record`` (``scripts.masks.finding_masks``), with ``mask_voxels`` per finding and
+    ``masks_file`` (the ``<case>_masks.npz`` name) added to the record; returns the masks."""
+    masks = finding_masks(seg_prob, np.asarray(record["boxes"], np.float64), properties, original_shape)
+    record["mask_voxels"] = [m.voxels for m in masks]
+    record["masks_file"] = f"{record['case_id']}{MASKS_SUFFIX}"
+    return masks
+
+
+def write_prediction(record: dict[str, Any], output_dir: str | Path) -> Path:
+    """``<case>_boxes.json`` (and ``<case>_masks.npz`` when the record holds ``finding_masks``); the masks first,
+    so a json that exists always has its masks."""
+    out = Path(output_dir)
+    masks = record.pop("finding_masks", None)
+    if masks is not None:
+        save_masks(masks, out / record["masks_file"], record["original_shape"])
+    return save_json(record, out / f"{record['case_id']}{OUTPUT_SUFFIX}")
 
 
 def _modality_text(modalities: Mapping[str, str] | None, num_modalities: int) -> str:
@@ -229,17 +250,21 @@ class Predictor:
         params: postprocessing parameters (``inference.DEFAULT_PARAMS`` keys; the bundle's sweep).
         device, amp, overlap: see ``inference.predict_case`` (device default CUDA when available).
         classes: label index (str) -> class name.
+        masks: also a mask per finding from the segmentation head (``scripts.masks``): the result then holds
+            ``finding_masks`` (``FindingMask`` per box, original voxels, cropped to the box; not JSON:
+            ``write_prediction`` stores them as ``<case>_masks.npz``), ``mask_voxels`` and ``masks_file``.
     """
 
     def __init__(self, detectors: Sequence[nn.Module], preprocessing: Any, patch_size: Sequence[int], batch_size: int,
                  num_tta: int | None = None, params: Mapping[str, Any] | None = None,
                  device: str | torch.device | None = None, amp: bool = True, overlap: float = 0.5,
-                 classes: Mapping[str, str] | None = None) -> None:
+                 classes: Mapping[str, str] | None = None, masks: bool = False) -> None:
         self.detectors, self.preprocessing = list(detectors), preprocessing
         self.patch_size, self.batch_size = [int(p) for p in patch_size], int(batch_size)
         self.num_tta, self.params = num_tta, (dict(params) if params is not None else None)
         self.device, self.amp, self.overlap = resolve_device(device), bool(amp), float(overlap)
         self.classes = {str(k): str(v) for k, v in (classes or {}).items()}
+        self.masks = bool(masks)
 
     @property
     def dim(self) -> int:
@@ -266,10 +291,15 @@ class Predictor:
         pre = self.preprocessing({IMAGE_KEY: image, SPACING_KEY: spacing_from_affine(affine, self.dim)})
         arr = np.ascontiguousarray(to_numpy(pre[IMAGE_KEY]), dtype=np.float32)
         pred = predict_case(self.detectors, arr, self.patch_size, self.batch_size, num_tta=self.num_tta,
-                            params=self.params, device=self.device, amp=self.amp, overlap=self.overlap)
+                            params=self.params, device=self.device, amp=self.amp, overlap=self.overlap,
+                            masks=self.masks)
         det = pred.detections
         det = det.select(np.argsort(-det.scores, kind="stable"))  # WBC orders by cluster head, not final score
-        return prediction_record(case_id, det, pre, affine, self.classes, pred.params, **provenance)
+        record = prediction_record(case_id, det, pre, affine, self.classes, pred.params, **provenance)
+        if self.masks:
+            record["original_shape"] = [int(s) for s in image.shape[1:]]
+            record["finding_masks"] = attach_masks(record, pred.seg_prob, pre, image.shape[1:])
+        return record
 
 
 def predict_folder(cases: Sequence[CaseFiles], output_dir: str | Path, predictor: Predictor, overwrite: bool = False,
@@ -286,7 +316,8 @@ def predict_folder(cases: Sequence[CaseFiles], output_dir: str | Path, predictor
     orders by cluster head score, which ``workflow.predict.predict_test`` keeps; here they are re-sorted).
     """
     out = Path(output_dir)
-    todo = [c for c in cases if overwrite or not (out / f"{c.case_id}{OUTPUT_SUFFIX}").is_file()]
+    todo = [c for c in cases if overwrite or not (out / f"{c.case_id}{OUTPUT_SUFFIX}").is_file()
+            or (predictor.masks and not (out / f"{c.case_id}{MASKS_SUFFIX}").is_file())]
     if len(todo) < len(cases):
         logger.info("%d case(s) already predicted in %s, skipped (overwrite to recompute)", len(cases) - len(todo), out)
     failures: list[tuple[str, str]] = []
@@ -299,7 +330,7 @@ def predict_folder(cases: Sequence[CaseFiles], output_dir: str | Path, predictor
             logger.error("case %s not predicted: %s", files.case_id, why)
             failures.append((files.case_id, why))
             continue
-        save_json(record, out / f"{files.case_id}{OUTPUT_SUFFIX}")
+        write_prediction(record, out)
     if failures:
         raise CasesFailed(failures, out, len(cases) - len(failures))
     logger.info("predictions of %d case(s) in %s", len(cases), out)
