@@ -71,12 +71,14 @@ class SegAccumulator:
         if self.sum is None:
             raise ValueError("no tile was added: run inference with this accumulator first")
         region = tuple(slice(lo, lo + n) for lo, n in zip(self.lower, self.shape, strict=True))
-        out = self.sum[region]
+        out = self.sum[region]  # divided in place: no second case-sized array (the sum is done with)
         for a, c in enumerate(self.coverage):
             view = [1] * len(self.shape)
             view[a] = -1
-            out = out / np.maximum(c[region[a]], 1e-6).reshape(view)
-        return (out / max(self.members, 1)).astype(np.float32, copy=False)
+            out /= np.maximum(c[region[a]], 1e-6).reshape(view) * (max(self.members, 1) if a == 0 else 1)
+        self.coverage = [np.ones_like(c) for c in self.coverage]  # a second call gives the same mean
+        self.members = 1
+        return out
 
 
 def merge_probabilities(parts: Sequence[np.ndarray]) -> np.ndarray:
