@@ -155,18 +155,18 @@ def test_cli_passes_the_predict_flags(monkeypatch):
     seen = []
     monkeypatch.setattr(infer, "predict_test", lambda *a, **k: seen.append((a, k)) or "out")
     cli.main(["predict", "000", "RetinaUNetV001_D3V001_3d", "--fold", "2", "--no_preprocess", "--check", "-npp", "3",
-              "--force_args", "--num_tta", "1", "--overwrite", "--gpus", "4"])
+              "--force_args", "--num_tta", "1", "--overwrite", "--gpus", "4", "--masks"])
     cli.predict_main(["000"])
     (args, flags), (_, defaults) = seen
     assert args == ("000",)
     assert flags == {"model": "RetinaUNetV001_D3V001_3d", "plan": None, "folds": [2], "num_tta": 1, "overwrite": True,
                      "preprocess": False, "check": True, "num_processes_preprocessing": 3, "force_args": True,
-                     "gpus": 4}
-    assert defaults["folds"] is None and defaults["preprocess"] and not defaults["check"]
+                     "gpus": 4, "masks": True}
+    assert defaults["folds"] is None and defaults["preprocess"] and not defaults["check"] and not defaults["masks"]
     assert defaults["num_processes_preprocessing"] is None and not defaults["force_args"] and defaults["gpus"] == 1
     monkeypatch.setattr(infer, "predict_dir", lambda *a, **k: seen.append((a, k)) or "out")
-    cli.predict_main(["000", "--input_dir", "in", "--output_dir", "out", "--gpus", "2"])
-    assert seen[-1][0] == ("000", "in", "out") and seen[-1][1]["gpus"] == 2
+    cli.predict_main(["000", "--input_dir", "in", "--output_dir", "out", "--gpus", "2", "--masks"])
+    assert seen[-1][0] == ("000", "in", "out") and seen[-1][1]["gpus"] == 2 and seen[-1][1]["masks"]
     with pytest.raises(SystemExit, match="--input_dir"):
         cli.predict_main(["000", "--input_dir", "in", "--output_dir", "out", "--no_preprocess"])
 
