@@ -11,6 +11,10 @@ Stages (nnDetection's pipeline of commands, each equal to its own command), in t
 ``predict``      the fold ensemble on ``imagesTs`` (``nndet_predict``), when the task has test images
 ``test``         test metrics against ``labelsTs`` (``nndet_eval --test``), when the task has test labels
 
+``nndet run TASK --plans all`` (:func:`run_plans`) runs train, sweep and eval for every plan the planner made,
+chooses between them and their ensemble by cross-validation (``nndet_find_best``), consolidates the winner and
+predicts the test set with it.
+
 Resuming: every stage looks at what is already on disk and only does what is missing, so a run that was
 stopped (Ctrl-C, a killed job, a full disk) is continued by running the same command again. Outputs that
 exist but were made from something else (a consolidated bundle or test predictions of another fold set)
@@ -260,6 +264,46 @@ def run_task(
     stage("predict", do_predict)
     stage("test", do_test)
     return result
+
+
+def preset_plans(task_name: str, preset: str) -> list[str]:
+    """Every plan of the preset the planner made for the task (full resolution first, then low resolution)."""
+    from planner.plan.planner import preset_planner_ids
+    from workflow.models import task_plans
+
+    ids = preset_planner_ids(preset)
+    return sorted((p.plan_id for p in task_plans(task_name) if p.planner_id in ids),
+                  key=lambda pid: (pid != _preset_main_plan(task_name, preset), pid))
+
+
+def run_plans(task: str | int, *, folds: Sequence[int] | None = None, preset: str | None = None,
+              stages: Sequence[str] = STAGES, overwrite: bool = False,
+              on_best: Callable[[dict[str, Any]], None] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """``nndet run TASK --plans all``: every plan of the preset through train, sweep and eval on the same folds,
+    then ``workflow.find_best.find_best`` (each plan and their ensemble by out-of-fold validation, the winner
+    consolidated), then the test set with the winner. ``kwargs`` go to :func:`run_task` (overrides, num_tta,
+    num_processes, device, gpus, on_stage). Returns the ``best_configuration.json`` content."""
+    from workflow.find_best import find_best
+
+    todo = _check_stages(stages)
+    preset = preset or "default"
+    task_name = paths.resolve_task(task)
+    folds = sorted({int(f) for f in (range(NUM_FOLDS) if folds is None else folds)})
+    if "prep" in todo:
+        run_task(task_name, folds=folds, preset=preset, stages=("prep",), overwrite=overwrite, **kwargs)
+    plans = preset_plans(task_name, preset)
+    logger.info("%s: plans of preset %s: %s", task_name, preset, plans)
+    cv = [s for s in ("train", "sweep", "eval") if s in todo]
+    for pid in plans:
+        if cv:
+            run_task(task_name, folds=folds, plan=pid, stages=cv, overwrite=overwrite, **kwargs)
+    best = find_best(task_name, folds=folds, plans=plans, consolidate="consolidate" in todo, overwrite=overwrite)
+    if on_best is not None:
+        on_best(best)
+    rest = [s for s in ("predict", "test") if s in todo]
+    if rest and best.get("consolidated_plan"):
+        run_task(task_name, folds=folds, plan=best["consolidated_plan"], stages=rest, overwrite=overwrite, **kwargs)
+    return best
 
 
 def _append_log(bundle: Path, entry: dict[str, Any], folds: Sequence[int]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from workflow.cli.chain import demo, run_chain, run_main
+from workflow.cli.chain import demo, find_best_main, run_chain, run_main
 from workflow.cli.common import as_bool, parse_overrides, print_metrics, print_sweep, run_api, setup_logging
 from workflow.cli.setup import env_main, environment_report, example_main, prep, prep_main, unpack_main
 from workflow.cli.stages import (
@@ -22,7 +22,7 @@ from workflow.cli.stages import (
 )
 
 __all__ = ["as_bool", "boxes2nii_main", "consolidate_main", "demo", "env_main", "environment_report", "eval_main",
-           "example_main", "main", "parse_overrides", "predict_main", "prep", "prep_main", "print_metrics",
+           "example_main", "find_best_main", "main", "parse_overrides", "predict_main", "prep", "prep_main", "print_metrics",
            "print_sweep", "run_api", "run_chain", "run_main", "setup_logging", "sweep_main", "train", "train_main",
            "unpack_main"]
 
@@ -30,7 +30,7 @@ __all__ = ["as_bool", "boxes2nii_main", "consolidate_main", "demo", "env_main", 
 # entry point; everything else (demo, API-style calls) goes through fire.
 ARGPARSE_COMMANDS = {"run": run_main, "env": env_main, "example": example_main, "prep": prep_main, "unpack": unpack_main,
                      "train": train_main, "sweep": sweep_main, "eval": eval_main, "predict": predict_main,
-                     "consolidate": consolidate_main, "boxes2nii": boxes2nii_main}
+                     "consolidate": consolidate_main, "boxes2nii": boxes2nii_main, "find_best": find_best_main}
 
 # commands of the apps (workflow imports no app): run as their console scripts, found through the installed
 # package's entry points

@@ -79,6 +79,28 @@ def run_chain(task: str, **kwargs):
     return res
 
 
+def find_best_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="nndet_find_best",
+        description="Compare the trained plans of a task (and their WBC ensemble) on their out-of-fold validation "
+                    "predictions, write $det_models/<task>/best_configuration.json, consolidate the winner",
+        epilog="examples:\n  nndet_find_best 000 --folds 0 1 2 3 4\n"
+               "  nndet_find_best 000 --plans D3V001_3d D3V001_3dlr1 --no_consolidate",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", help="task id or name: 000, Task000 or Task000D3_Example")
+    p.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="folds to compare on (default 0..4; "
+                   "each trained and swept in every plan)")
+    p.add_argument("--plans", nargs="+", default=None, help="plan ids (default: every plan with these folds trained)")
+    p.add_argument("--no_consolidate", action="store_true", help="only compare and write the file")
+    p.add_argument("--overwrite", action="store_true", help="replace a consolidated bundle of other folds")
+    a = p.parse_args(argv)
+    setup_logging()
+    from workflow.find_best import best_table, find_best
+
+    print(best_table(run_api(find_best, a.task, folds=a.folds, plans=a.plans, consolidate=not a.no_consolidate,
+                             overwrite=a.overwrite)))
+
+
 def run_main(argv: list[str] | None = None) -> None:
     from workflow.run import NUM_FOLDS
     from workflow.run import STAGES as stages
@@ -110,8 +132,22 @@ def run_main(argv: list[str] | None = None) -> None:
                    "per free GPU (or group of --gpus), one after another without CUDA")
     p.add_argument("--overwrite", action="store_true", help="replace a consolidated bundle or test predictions "
                    "made from another fold set (otherwise the run stops and names them)")
+    p.add_argument("--plans", default=None, choices=["all"], help="all: train every plan of the preset (full and, "
+                   "where planned, low resolution) on the same folds, choose the best (or their ensemble) by "
+                   "cross-validation (nndet_find_best), consolidate it and predict the test set with it")
     a = p.parse_args(argv)
     setup_logging()
+    if a.plans == "all":
+        if a.plan:
+            raise SystemExit("--plans all and --plan exclude each other")
+        from workflow.find_best import best_table
+        from workflow.run import run_plans
+
+        run_api(run_plans, a.task, folds=a.folds, preset=a.preset, stages=a.stages, overwrite=a.overwrite,
+                on_best=lambda b: print("\n" + best_table(b)), overrides=parse_overrides(a.overrides),
+                num_tta=a.num_tta, num_processes=a.num_processes, device=a.device, gpus=a.gpus,
+                on_stage=_print_stage)
+        return
     run_chain(a.task, folds=a.folds, plan=a.plan, preset=a.preset, overrides=parse_overrides(a.overrides),
               stages=a.stages, num_tta=a.num_tta, num_processes=a.num_processes, device=a.device,
               overwrite=a.overwrite, gpus=a.gpus)
