@@ -27,7 +27,14 @@ import numpy as np
 from planner import paths
 from planner.io import load_json, save_json
 from workflow.bundle_code import bundle_module
-from workflow.models import bundle_for, bundle_plan, class_names, task_plans, trained_folds
+from workflow.models import (
+    bundle_for,
+    bundle_plan,
+    class_names,
+    consolidated_folds,
+    task_plans,
+    trained_folds,
+)
 from workflow.sweep import RAW_SUFFIX, as_dict, fold_params, gt_preprocessed, val_cases
 
 logger = logging.getLogger(__name__)
@@ -136,7 +143,6 @@ def find_best(task: str | int, folds: Sequence[int] = (0, 1, 2, 3, 4), plans: Se
                           f"made yet, so the best single plan ({consolidated_plan}) is consolidated")
     if consolidate:
         from workflow.consolidate import consolidate as run_consolidate
-        from workflow.run import consolidated_folds
 
         b = bundles[consolidated_plan]
         have = consolidated_folds(b)

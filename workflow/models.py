@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from planner import paths
+from planner.io import load_json
 from planner.plan.plan import Plan
 
 logger = logging.getLogger(__name__)
@@ -91,3 +92,9 @@ def folds_or_trained(bundle: Path, folds: Sequence[int] | None) -> list[int]:
     if not folds:
         raise FileNotFoundError(f"{bundle}: no trained fold; run `nndet_train {bundle.parent.name}` first")
     return folds
+
+
+def consolidated_folds(bundle: Path) -> list[int] | None:
+    """Folds of an existing ``consolidated/`` bundle (None when there is none)."""
+    cfg = bundle / "consolidated" / "configs" / "inference.json"
+    return [int(f) for f in load_json(cfg).get("folds", [])] if cfg.is_file() else None

@@ -94,12 +94,6 @@ def _preset_main_plan(task_name: str, preset: str) -> str:
     return mine[0].plan_id
 
 
-def consolidated_folds(bundle: Path) -> list[int] | None:
-    """Folds of an existing ``consolidated/`` bundle (None when there is none)."""
-    cfg = bundle / "consolidated" / "configs" / "inference.json"
-    return [int(f) for f in load_json(cfg).get("folds", [])] if cfg.is_file() else None
-
-
 def prediction_folds(pred_dir: Path) -> dict[str, list[int]]:
     """``case -> folds`` recorded in existing ``<case>_boxes.json`` files."""
     out = {}
@@ -155,7 +149,7 @@ def run_task(
     """
     from planner.prep import run_prep
     from workflow.evaluate import evaluate_fold, evaluate_test
-    from workflow.models import bundle_for, main_plan, trained_folds
+    from workflow.models import bundle_for, consolidated_folds, main_plan, trained_folds
     from workflow.predict import predict_test
     from workflow.sweep import sweep_fold
     from workflow.train import run_training, train_folds
