@@ -311,12 +311,13 @@ def verify_metadata_offline(meta_file: Path) -> None:
     logger.debug("%s is valid against %s", meta_file, schema.name)
 
 
-def verify_bundle(bundle_dir: str | os.PathLike) -> None:
+def verify_bundle(bundle_dir: str | os.PathLike, preprocessing: bool = True) -> None:
     """Check a generated bundle; raise ``BundleError`` listing every problem.
 
     Checks: no placeholder left in configs/ and docs/; every configs/*.json is JSON and parses with
     ``monai.bundle.ConfigParser`` (all references resolvable); metadata.json validates against MONAI's
-    schema (offline); the preprocessing config instantiates into a callable transform chain.
+    schema (offline); the preprocessing config instantiates into a callable transform chain (unless
+    ``preprocessing`` is False: a plan ensemble's top level, whose members each hold their own).
     """
     from monai.bundle import ConfigParser
 
@@ -326,7 +327,7 @@ def verify_bundle(bundle_dir: str | os.PathLike) -> None:
         raise BundleError([(str(root), "no configs/ folder: not a bundle; generate it with nndet_prep")])
     problems = [(f, f"placeholder {p} was not filled; regenerate the bundle") for f, p in find_placeholders(root)]
     files = sorted(configs.glob("*.json"))
-    for name in ("metadata.json", Path(PREPROCESSING_CONFIG).name):
+    for name in ("metadata.json", Path(PREPROCESSING_CONFIG).name)[: 2 if preprocessing else 1]:
         if not (configs / name).is_file():
             problems.append((str(configs / name), "missing; regenerate the bundle with nndet_prep -o overwrite=True"))
     contents: dict[Path, Any] = {}
@@ -368,8 +369,8 @@ def verify_bundle(bundle_dir: str | os.PathLike) -> None:
         problems += e.problems
     pre = root / PREPROCESSING_CONFIG
     try:
-        chain = ConfigParser(json.loads(pre.read_text())).get_parsed_content(PREPROCESSING_ID)
-        if not callable(chain):
+        chain = ConfigParser(json.loads(pre.read_text())).get_parsed_content(PREPROCESSING_ID) if preprocessing else None
+        if preprocessing and not callable(chain):
             problems.append((str(pre), f"'{PREPROCESSING_ID}' is not a callable transform"))
     except Exception as e:
         problems.append((str(pre), f"'{PREPROCESSING_ID}' does not instantiate: {e}"))

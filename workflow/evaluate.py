@@ -115,7 +115,7 @@ def evaluate_and_plot(bundle: Path, preds, gts, ids, classes, out: Path, plots: 
     return metrics
 
 
-def _operating_points_module(bundle: Path):
+def operating_points_module(bundle: Path):
     """The bundle's ``scripts/operating_points.py``; None (with a warning) for bundles generated before it."""
     try:
         return bundle_module(bundle, "operating_points")
@@ -129,7 +129,7 @@ def _operating_points_module(bundle: Path):
 
 def save_operating_points(bundle: Path, preds, gts, classes, out: Path) -> dict | None:
     """``out/operating_points.csv`` + ``.json`` (the bundle's code); returns the table (None: see above)."""
-    op = _operating_points_module(bundle)
+    op = operating_points_module(bundle)
     if op is None:
         return None
     table = op.operating_points(preds, gts, classes)
@@ -139,7 +139,7 @@ def save_operating_points(bundle: Path, preds, gts, classes, out: Path) -> dict 
 
 def operating_points_text(bundle: Path, out: Path) -> str | None:
     """The short table of ``out/operating_points.json`` (a few FPPI rules per class and pooled) for the CLI."""
-    op, f = _operating_points_module(bundle), out / "operating_points.json"
+    op, f = operating_points_module(bundle), out / "operating_points.json"
     if op is None or not f.is_file():
         return None
     return f"{op.format_table(load_json(f))}\n\nall operating points: {out / op.CSV_FILE}"
@@ -189,7 +189,7 @@ def validation_operating_point(bundle: Path, folds, params, fppi: float | None =
                 if v is not None]
     if len(explicit) > 1:
         raise ValueError(f"--fppi, --min_sensitivity and --threshold are mutually exclusive, got {explicit}")
-    op, p = _operating_points_module(bundle), bundle_plan(bundle)
+    op, p = operating_points_module(bundle), bundle_plan(bundle)
     found = _validation_predictions(bundle, p, folds, params) if op is not None else None
     if found is None:
         why = (f"no validation predictions of folds {list(folds)} (run `nndet_sweep` for each fold)" if op is not None
@@ -199,11 +199,19 @@ def validation_operating_point(bundle: Path, folds, params, fppi: float | None =
         logger.warning("no operating point recorded: %s", why)
         return None
     preds, gts, source = found
-    table = op.operating_points(preds, gts, class_names(p))
+    return choose_operating_point(op, preds, gts, class_names(p), folds, source, fppi=fppi,
+                                  min_sensitivity=min_sensitivity, threshold=threshold)
+
+
+def choose_operating_point(op, preds, gts, classes, folds, source: str, fppi: float | None = None,
+                           min_sensitivity: float | None = None, threshold: float | None = None) -> dict | None:
+    """The ``nndet.operating_point`` record chosen on these predictions with the bundle's ``operating_points``
+    module ``op``; an unsatisfiable default rule gives None (warned), an explicit one raises ValueError."""
+    table = op.operating_points(preds, gts, classes)
     try:
         c = op.choose(table, fppi=fppi, min_sensitivity=min_sensitivity, threshold=threshold)
     except ValueError as e:
-        if explicit:
+        if any(v is not None for v in (fppi, min_sensitivity, threshold)):
             raise
         logger.warning("no operating point recorded: %s", e)
         return None
@@ -240,9 +248,16 @@ def evaluate_test(task: str | int, model: str | None = None, plan: str | None = 
     """`nndet_eval TASK MODEL --test`: test predictions vs ``raw_splitted/labelsTs`` (original voxels)."""
     task_name = paths.resolve_task(task)
     bundle = bundle_for(task_name, model, plan)
+    return evaluate_test_predictions(task_name, bundle, bundle / "test_predictions", bundle / "test_results", plots,
+                                     analyze_boxes, box_convention)
+
+
+def evaluate_test_predictions(task_name: str, bundle: Path, pred_dir: Path, out: Path, plots: bool = True,
+                              analyze_boxes: bool = False, box_convention: str = "ours") -> dict[str, float]:
+    """``pred_dir/<case>_boxes.json`` (original voxels) vs ``raw_splitted/labelsTs``, results under ``out``, with
+    the code and plan of ``bundle`` (a task bundle, or a consolidated one holding ``configs/plan.json``)."""
     p = bundle_plan(bundle)
     task_root = paths.det_data() / task_name
-    pred_dir = bundle / "test_predictions"
     files = sorted(pred_dir.glob("*_boxes.json")) if pred_dir.is_dir() else []
     if not files:
         raise FileNotFoundError(f"{pred_dir}: no test predictions; run `nndet_predict {task_name}` first")
@@ -264,5 +279,5 @@ def evaluate_test(task: str | int, model: str | None = None, plan: str | None = 
 
         return load_nifti(task_root / "raw_splitted" / "imagesTs" / f"{case}_0000.nii.gz", p.dim)[0]
 
-    return evaluate_and_plot(bundle, preds, gts, ids, class_names(p), bundle / "test_results", plots, image_of,
-                             analyze_boxes, box_convention)
+    return evaluate_and_plot(bundle, preds, gts, ids, class_names(p), out, plots, image_of, analyze_boxes,
+                             box_convention)

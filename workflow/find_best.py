@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from planner import paths
-from planner.io import load_json, save_json
+from planner.io import save_json
 from workflow.bundle_code import bundle_module
+from workflow.ensemble import consolidate_ensemble, ensemble_name, ensemble_oof, oof_predictions
 from workflow.models import (
     bundle_for,
     bundle_plan,
@@ -35,7 +36,6 @@ from workflow.models import (
     task_plans,
     trained_folds,
 )
-from workflow.sweep import RAW_SUFFIX, as_dict, fold_params, gt_preprocessed, val_cases
 
 logger = logging.getLogger(__name__)
 
@@ -43,33 +43,6 @@ BEST_FILE = "best_configuration.json"
 ENSEMBLE = "ensemble"
 TABLE_KEYS = ("AP_IoU_0.10_MaxDet_100", "mAP_IoU_0.10_0.50_0.05_MaxDet_100", "AP_IoU_0.50_MaxDet_100",
               "FROC_score_IoU_0.10")
-
-
-def oof_predictions(bundle: Path, folds: Sequence[int]) -> dict[str, tuple[dict, dict]]:
-    """case id -> (prediction, ground truth), both in original voxels, of the folds' validation cases.
-
-    Raises:
-        FileNotFoundError: a fold lacks its sweep (raw predictions and swept parameters).
-    """
-    p = bundle_plan(bundle)
-    inference = bundle_module(bundle, "inference")
-    out = {}
-    for fold in folds:
-        params = fold_params(bundle, fold)
-        raw_dir = bundle / f"fold{fold}" / "sweep_predictions"
-        if params is None or not raw_dir.is_dir():
-            raise FileNotFoundError(f"{bundle.name} fold {fold}: not swept; run `nndet_sweep {p.task} {bundle.name} "
-                                    f"{fold}` (or `nndet run {p.task} --plan {p.plan_id}`)")
-        images, cases = val_cases(bundle, p.task, p, fold)
-        for case in cases:
-            raw = inference.load_raw_predictions(raw_dir / f"{case}{RAW_SUFFIX}")
-            pred = as_dict(inference.postprocess_members(raw.members, raw.shape, params))
-            props = load_json(images / f"{case}.json")
-            gt = gt_preprocessed(images, case, p.dim)
-            pred["boxes"] = inference.restore_boxes(pred["boxes"], props)
-            gt = {**gt, "boxes": inference.restore_boxes(gt["boxes"], props)}
-            out[case] = (pred, gt)
-    return out
 
 
 def _score(bundle: Path, preds: list[dict], gts: list[dict], classes: Sequence[str]) -> dict[str, Any]:
@@ -103,8 +76,8 @@ def find_best(task: str | int, folds: Sequence[int] = (0, 1, 2, 3, 4), plans: Se
     Args:
         folds: the cross-validation folds to compare on (each must be trained and swept in every plan).
         plans: plan ids to compare (default: every plan with these folds trained).
-        consolidate: consolidate the winning plan (``nndet_consolidate``); when the ensemble wins, the best single
-            plan is consolidated (a bundle holding both plans' folds is not made yet) and the file says so.
+        consolidate: consolidate the winner: a plan (``nndet_consolidate``), or the ensemble as one bundle holding
+            every plan's folds, each with its own preprocessing (``workflow.ensemble.consolidate_ensemble``).
         overwrite: replace a consolidated bundle of other folds.
 
     Raises:
@@ -126,29 +99,31 @@ def find_best(task: str | int, folds: Sequence[int] = (0, 1, 2, 3, 4), plans: Se
     for pid in ids:
         rows[pid] = _score(bundles[ref], [oof[pid][c][0] for c in cases], gts, classes)
     if len(ids) > 1:
-        inference = bundle_module(bundles[ref], "inference")
-        ens = []
-        for c in cases:
-            members = [inference.Detections(oof[pid][c][0]["boxes"], oof[pid][c][0]["scores"],
-                                            oof[pid][c][0]["labels"]) for pid in ids]
-            ens.append(as_dict(inference.ensemble_members(members, ensemble_iou=0.5)))
+        ens = [ensemble_oof(bundles[ref], [oof[pid][c][0] for pid in ids]) for c in cases]
         rows[ENSEMBLE] = _score(bundles[ref], ens, gts, classes)
     best = max(rows, key=lambda k: (rows[k]["objective"], k != ENSEMBLE))  # a tie goes to a single plan
-    consolidated_plan = best if best != ENSEMBLE else max(ids, key=lambda k: rows[k]["objective"])
+    criterion = f"{rows[best]['objective_metric']} (mean over classes present), out-of-fold validation"
     result = {"task": task_name, "folds": folds, "cases": len(cases), "plans": ids, "best": best,
-              "criterion": f"{rows[best]['objective_metric']} (mean over classes present), out-of-fold validation",
-              "candidates": rows, "consolidated_plan": consolidated_plan if consolidate else None}
-    if best == ENSEMBLE:
-        result["note"] = ("the ensemble of the plans scores best; a consolidated bundle holding both plans is not "
-                          f"made yet, so the best single plan ({consolidated_plan}) is consolidated")
-    if consolidate:
+              "criterion": criterion, "candidates": rows,
+              "consolidated_plan": best if consolidate and best != ENSEMBLE else None,
+              "consolidated_ensemble": ids if consolidate and best == ENSEMBLE else None}
+    if consolidate and best == ENSEMBLE:
+        selection = (f"nndet_find_best: the ensemble scored best ({criterion}: {rows[ENSEMBLE]['objective']:.4f}; "
+                     + ", ".join(f"{pid} {rows[pid]['objective']:.4f}" for pid in ids) + ")")
+        ens_dir = paths.det_models() / task_name / ensemble_name(ids)
+        done = ens_dir / "consolidated" if consolidated_folds(ens_dir) == folds and not overwrite else None
+        result["consolidated"] = str(done or consolidate_ensemble(task_name, ids, folds, overwrite=overwrite,
+                                                                  selection=selection))
+        result["consolidated_model"] = ensemble_name(ids)
+    elif consolidate:
         from workflow.consolidate import consolidate as run_consolidate
 
-        b = bundles[consolidated_plan]
+        b = bundles[best]
         have = consolidated_folds(b)
         if have != folds:
-            run_consolidate(task_name, plan=consolidated_plan, folds=folds, overwrite=overwrite or have is not None)
+            run_consolidate(task_name, plan=best, folds=folds, overwrite=overwrite)
         result["consolidated"] = str(b / "consolidated")
+        result["consolidated_model"] = b.name
     out = paths.det_models() / task_name / BEST_FILE
     save_json(result, out)
     result["file"] = str(out)

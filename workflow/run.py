@@ -297,7 +297,26 @@ def run_plans(task: str | int, *, folds: Sequence[int] | None = None, preset: st
     rest = [s for s in ("predict", "test") if s in todo]
     if rest and best.get("consolidated_plan"):
         run_task(task_name, folds=folds, plan=best["consolidated_plan"], stages=rest, overwrite=overwrite, **kwargs)
+    elif rest and best.get("consolidated_ensemble"):
+        best["test_metrics"] = _ensemble_test(task_name, best["consolidated_ensemble"], rest, overwrite, kwargs)
     return best
+
+
+def _ensemble_test(task_name: str, plans: Sequence[str], todo: Sequence[str], overwrite: bool,
+                   kwargs: dict[str, Any]) -> dict[str, float] | None:
+    """The predict and test stages with the consolidated plan ensemble (``workflow.ensemble``)."""
+    from workflow.ensemble import evaluate_ensemble_test, predict_ensemble_test
+
+    task_root = paths.det_data() / task_name / "raw_splitted"
+    if not any((task_root / "imagesTs").glob("*.nii.gz")):
+        logger.info("%s: no imagesTs, the ensemble predicts nothing", task_name)
+        return None
+    if "predict" in todo:
+        predict_ensemble_test(task_name, plans, num_tta=kwargs.get("num_tta"), device=kwargs.get("device"),
+                              overwrite=overwrite)
+    if "test" in todo and (task_root / "labelsTs").is_dir():
+        return evaluate_ensemble_test(task_name, plans)
+    return None
 
 
 def _append_log(bundle: Path, entry: dict[str, Any], folds: Sequence[int]) -> None:

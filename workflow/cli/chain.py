@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 
 from planner import paths
 from planner.presets import PRESET_NAMES
@@ -143,10 +144,13 @@ def run_main(argv: list[str] | None = None) -> None:
         from workflow.find_best import best_table
         from workflow.run import run_plans
 
-        run_api(run_plans, a.task, folds=a.folds, preset=a.preset, stages=a.stages, overwrite=a.overwrite,
-                on_best=lambda b: print("\n" + best_table(b)), overrides=parse_overrides(a.overrides),
-                num_tta=a.num_tta, num_processes=a.num_processes, device=a.device, gpus=a.gpus,
-                on_stage=_print_stage)
+        best = run_api(run_plans, a.task, folds=a.folds, preset=a.preset, stages=a.stages, overwrite=a.overwrite,
+                       on_best=lambda b: print("\n" + best_table(b)), overrides=parse_overrides(a.overrides),
+                       num_tta=a.num_tta, num_processes=a.num_processes, device=a.device, gpus=a.gpus,
+                       on_stage=_print_stage)
+        if best.get("test_metrics"):
+            print(f"\n== test set with the plan ensemble {best['consolidated_model']} ==")
+            print_metrics(best["test_metrics"], Path(best["consolidated"]).parent / "test_results")
         return
     run_chain(a.task, folds=a.folds, plan=a.plan, preset=a.preset, overrides=parse_overrides(a.overrides),
               stages=a.stages, num_tta=a.num_tta, num_processes=a.num_processes, device=a.device,

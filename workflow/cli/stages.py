@@ -215,7 +215,8 @@ def consolidate_main(argv: list[str] | None = None) -> None:
         prog="nndet_consolidate",
         description="Consolidate the trained folds of a task into one self-contained inference bundle "
                     "<bundle>/consolidated/ (configs/inference.json, metadata.json, models/model_fold<X>.pt, docs/)",
-        epilog="examples:\n  nndet_consolidate 000 --num_folds 5\n  nndet_consolidate 000 --fppi 0.5 --overwrite   "
+        epilog="examples:\n  nndet_consolidate 000 --num_folds 5\n  nndet_consolidate 101 --plans D3V001_3d D3V001_3dlr1 "
+               "--folds 0 1 2 3 4   # the plans' ensemble as one bundle\n  nndet_consolidate 000 --fppi 0.5 --overwrite   "
                "# operating point: lowest threshold with <= 0.5 false positives per case\n"
                "  nndet_consolidate 000 --min_sensitivity 0.9 --overwrite\n  cd $det_models/Task000D3_Example/"
                "RetinaUNetV001_D3V001_3d/consolidated && python -m monai.bundle run --config_file "
@@ -224,6 +225,11 @@ def consolidate_main(argv: list[str] | None = None) -> None:
     p.add_argument("task", help="task id or name: 000, Task000 or Task000D3_Example")
     p.add_argument("model", nargs="?", default=None, help="model folder, e.g. RetinaUNetV001_D3V001_3d (default: main plan)")
     p.add_argument("--plan", default=None, help="plan id instead of MODEL, e.g. D3V001CPU_3d")
+    p.add_argument("--plans", nargs="+", default=None, metavar="PLAN",
+                   help="two or more plan ids: one bundle holding every plan's folds, each with its own "
+                   "preprocessing, their boxes merged by weighted box clustering "
+                   "($det_models/<task>/Ensemble_<plans>/consolidated; needs --folds, each trained and swept)")
+    p.add_argument("--folds", type=int, nargs="+", default=None, help="exactly these folds (all must be trained)")
     p.add_argument("--num_folds", type=int, default=None, help="consolidate folds 0..N-1 (all must be trained); "
                    "default: every trained fold")
     p.add_argument("--no_sweep_boxes", action="store_true", help="nnDetection's default postprocessing parameters "
@@ -242,10 +248,19 @@ def consolidate_main(argv: list[str] | None = None) -> None:
     setup_logging()
     from planner.io import load_json
     from workflow.consolidate import consolidate
+    from workflow.ensemble import consolidate_ensemble
 
-    out = run_api(consolidate, a.task, model=a.model, plan=a.plan, num_folds=a.num_folds,
-               sweep_boxes=not a.no_sweep_boxes, no_model=a.no_model, overwrite=a.overwrite, fppi=a.fppi,
-               min_sensitivity=a.min_sensitivity, threshold=a.threshold)
+    if a.plans:
+        if a.model or a.plan or a.num_folds is not None or a.no_model or a.no_sweep_boxes:
+            raise SystemExit("--plans takes --folds, --overwrite and an operating-point rule only")
+        if a.folds is None:
+            raise SystemExit("--plans needs --folds (the folds every plan has trained and swept), e.g. --folds 0 1 2 3 4")
+        out = run_api(consolidate_ensemble, a.task, a.plans, a.folds, overwrite=a.overwrite, fppi=a.fppi,
+                      min_sensitivity=a.min_sensitivity, threshold=a.threshold)
+    else:
+        out = run_api(consolidate, a.task, model=a.model, plan=a.plan, num_folds=a.num_folds, folds=a.folds,
+                      sweep_boxes=not a.no_sweep_boxes, no_model=a.no_model, overwrite=a.overwrite, fppi=a.fppi,
+                      min_sensitivity=a.min_sensitivity, threshold=a.threshold)
     print(f"consolidated bundle: {out}\nrun it:  cd {out} && python -m monai.bundle run --config_file "
           "configs/inference.json --meta_file configs/metadata.json --bundle_root . --input_dir IN --output_dir OUT")
     op = load_json(out / "configs" / "metadata.json").get("nndet", {}).get("operating_point")

@@ -39,7 +39,7 @@ from planner.io import load_json, save_json
 from planner.nifti import load_case, spacing_from_affine
 from planner.preprocess.transforms import IMAGE_KEY, SPACING_KEY, to_numpy
 
-from .inference import predict_case, restore_boxes, voxel_boxes_to_world
+from .inference import Detections, ensemble_members, predict_case, restore_boxes, voxel_boxes_to_world
 from .masks import MASKS_SUFFIX, FindingMask, finding_masks, save_masks
 
 logger = logging.getLogger(__name__)
@@ -91,12 +91,19 @@ def prediction_record(case_id: str, det: Any, properties: Mapping[str, Any], aff
         classes: label index (str) -> class name.
         params: postprocessing parameters to record.
     """
-    voxel = restore_boxes(det.boxes, properties)
+    return voxel_record(case_id, restore_boxes(det.boxes, properties), det.scores, det.labels, affine, classes, params,
+                        task, model, folds)
+
+
+def voxel_record(case_id: str, voxel: Any, scores: Any, labels: Any, affine: Any, classes: Mapping[str, str],
+                 params: Any, task: str = "", model: str = "", folds: Sequence[int] = ()) -> dict[str, Any]:
+    """:func:`prediction_record` from boxes already in original voxels (the plan ensemble's merged boxes)."""
+    voxel = np.asarray(voxel, dtype=np.float64)
     world = voxel_boxes_to_world(voxel, np.asarray(affine))
-    labels = np.asarray(det.labels, dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.int64)
     return {
         "case_id": case_id, "task": task, "model": model, "folds": [int(f) for f in folds],
-        "boxes": voxel.tolist(), "boxes_world_mm": world.tolist(), "scores": np.asarray(det.scores).tolist(),
+        "boxes": voxel.tolist(), "boxes_world_mm": world.tolist(), "scores": np.asarray(scores).tolist(),
         "labels": labels.tolist(), "class_names": [classes.get(str(int(c)), str(int(c))) for c in labels],
         "box_mode": BOX_MODE, "world_frame": WORLD_FRAME, "params": params,
     }
@@ -270,6 +277,23 @@ class Predictor:
     def dim(self) -> int:
         return len(self.patch_size)
 
+    def check_image(self, image: Any, affine: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 image, float64 affine); ValueError when the image is not ``[channels, *spatial]``."""
+        image = np.asarray(image, dtype=np.float32)
+        if image.ndim != self.dim + 1:
+            raise ValueError(f"image of shape {image.shape}: expected [channels, {self.dim} spatial axes]")
+        return image, np.asarray(affine, dtype=np.float64)
+
+    def predict(self, image: np.ndarray, affine: np.ndarray) -> tuple[Any, dict[str, Any]]:
+        """(``inference.CasePrediction`` in preprocessed voxels, the preprocessing result with the bookkeeping
+        ``inference.restore_boxes`` needs) of a checked image (:meth:`check_image`)."""
+        pre = self.preprocessing({IMAGE_KEY: image, SPACING_KEY: spacing_from_affine(affine, self.dim)})
+        arr = np.ascontiguousarray(to_numpy(pre[IMAGE_KEY]), dtype=np.float32)
+        pred = predict_case(self.detectors, arr, self.patch_size, self.batch_size, num_tta=self.num_tta,
+                            params=self.params, device=self.device, amp=self.amp, overlap=self.overlap,
+                            masks=self.masks)
+        return pred, pre
+
     def __call__(self, image: np.ndarray, affine: np.ndarray, case_id: str = "", **provenance: Any) -> dict[str, Any]:
         """Predict one image.
 
@@ -284,21 +308,107 @@ class Predictor:
             ``boxes_world_mm`` [N, 6] (RAS+ mm over voxel edges), ``scores`` [N] descending, ``labels`` [N]
             (0-based), ``class_names``, ``params`` (the postprocessing used), provenance.
         """
-        image = np.asarray(image, dtype=np.float32)
-        if image.ndim != self.dim + 1:
-            raise ValueError(f"image of shape {image.shape}: expected [channels, {self.dim} spatial axes]")
-        affine = np.asarray(affine, dtype=np.float64)
-        pre = self.preprocessing({IMAGE_KEY: image, SPACING_KEY: spacing_from_affine(affine, self.dim)})
-        arr = np.ascontiguousarray(to_numpy(pre[IMAGE_KEY]), dtype=np.float32)
-        pred = predict_case(self.detectors, arr, self.patch_size, self.batch_size, num_tta=self.num_tta,
-                            params=self.params, device=self.device, amp=self.amp, overlap=self.overlap,
-                            masks=self.masks)
+        image, affine = self.check_image(image, affine)
+        pred, pre = self.predict(image, affine)
         det = pred.detections
         det = det.select(np.argsort(-det.scores, kind="stable"))  # WBC orders by cluster head, not final score
         record = prediction_record(case_id, det, pre, affine, self.classes, pred.params, **provenance)
         if self.masks:
             record["original_shape"] = [int(s) for s in image.shape[1:]]
             record["finding_masks"] = attach_masks(record, pred.seg_prob, pre, image.shape[1:])
+        return record
+
+
+ENSEMBLE_IOU = 0.5  # the plans' ensemble: nnDetection's ensembling IoU, as nndet_find_best scored it
+
+
+def load_member_predictors(bundle_root: str | Path, members: Sequence[str], device: Any = None,
+                           num_tta: int | None = None, amp: bool = True, overlap: float = 0.5,
+                           masks: bool = False) -> list[Predictor]:
+    """The :class:`Predictor` of every member of a plan ensemble (``<bundle_root>/<member>/configs/inference.json``:
+    each with its own preprocessing, network definition, weights and postprocessing), built with this bundle's
+    scripts. ``masks`` goes to the first member only (the full-resolution plan; its segmentation head gives the
+    masks of the merged boxes).
+
+    Raises:
+        FileNotFoundError: a member folder is missing (named).
+    """
+    from monai.bundle import ConfigParser
+
+    root = Path(bundle_root)
+    out = []
+    for i, member in enumerate(members):
+        cfg = root / member / "configs" / "inference.json"
+        if not cfg.is_file():
+            raise FileNotFoundError(f"{cfg}: member of the plan ensemble missing; consolidate the ensemble again "
+                                    "(`nndet_consolidate TASK --plans PLAN_A PLAN_B`)")
+        parser = ConfigParser()
+        parser.read_config(str(cfg))
+        parser["bundle_root"] = str(root / member)
+        parser["num_tta"], parser["amp"], parser["overlap"] = num_tta, bool(amp), float(overlap)
+        parser["masks"] = bool(masks) and i == 0
+        if device is not None:
+            parser["device"] = device
+        out.append(parser.get_parsed_content("predictor"))
+    return out
+
+
+class EnsemblePredictor:
+    """The ensemble of several plans that ``nndet_find_best`` scored: every member :class:`Predictor` on the same
+    image (each with its own preprocessing, folds x TTA and swept postprocessing), the boxes restored to the
+    original voxels and there clustered by weighted box clustering (``inference.ensemble_members``, IoU
+    ``ensemble_iou``, one expected vote per member) exactly as the out-of-fold comparison did. Called and
+    answering like :class:`Predictor`, so the folder prediction and the MONAI Deploy app take either.
+
+    Args:
+        members: from :func:`load_member_predictors`; names: one per member (recorded with its parameters).
+        classes: label index (str) -> class name.
+        masks: a mask per merged box from the first member's segmentation head (``masks`` must have been given
+            to that member too, as :func:`load_member_predictors` does).
+    """
+
+    def __init__(self, members: Sequence[Predictor], names: Sequence[str], ensemble_iou: float = ENSEMBLE_IOU,
+                 classes: Mapping[str, str] | None = None, masks: bool = False) -> None:
+        if not members or len(members) != len(names):
+            raise ValueError(f"a plan ensemble needs one name per member, got {len(members)} member(s), "
+                             f"names {list(names)}")
+        if len({m.dim for m in members}) != 1:
+            raise ValueError(f"members of different dimensions {[m.dim for m in members]}")
+        self.members, self.names = list(members), [str(n) for n in names]
+        self.ensemble_iou = float(ensemble_iou)
+        self.classes = {str(k): str(v) for k, v in (classes or {}).items()}
+        self.masks = bool(masks)
+
+    @property
+    def dim(self) -> int:
+        return self.members[0].dim
+
+    @property
+    def detectors(self) -> list[nn.Module]:
+        return [d for m in self.members for d in m.detectors]
+
+    def __call__(self, image: np.ndarray, affine: np.ndarray, case_id: str = "", **provenance: Any) -> dict[str, Any]:
+        """Predict one image; arguments and result as :meth:`Predictor.__call__` (``params``: each member's
+        postprocessing and the ensembling IoU)."""
+        image, affine = self.members[0].check_image(image, affine)
+        dets, params, seg = [], {}, None
+        for name, member in zip(self.names, self.members, strict=True):
+            pred, pre = member.predict(image, affine)
+            d = pred.detections
+            dets.append(Detections(restore_boxes(d.boxes, pre), d.scores, d.labels))
+            params[name] = pred.params
+            if seg is None and pred.seg_prob is not None:
+                seg = (pred.seg_prob, pre)
+        det = ensemble_members(dets, ensemble_iou=self.ensemble_iou)
+        det = det.select(np.argsort(-det.scores, kind="stable"))
+        record = voxel_record(case_id, det.boxes, det.scores, det.labels, affine, self.classes,
+                              {"members": params, "ensemble_iou": self.ensemble_iou}, **provenance)
+        if self.masks:
+            if seg is None:
+                raise RuntimeError("masks asked of the plan ensemble, but its first member gave no segmentation "
+                                   "(build the members with load_member_predictors(..., masks=True))")
+            record["original_shape"] = [int(s) for s in image.shape[1:]]
+            record["finding_masks"] = attach_masks(record, seg[0], seg[1], image.shape[1:])
         return record
 
 
