@@ -3,9 +3,15 @@
 Each kernel file is compiled once per process and device (CuPy also keeps its on-disk cache, keyed by
 the full source text: headers are inlined before compiling so an edited header is never served stale).
 NVRTC flags: ``--fmad=false`` (the sources also use explicit ``__f*_rn`` intrinsics) so the float32
-overlap arithmetic is bit-identical to the numpy backend, see :mod:`ops.boxes`.
+overlap arithmetic is bit-identical to the numpy backend, see :mod:`ops.boxes`, for every value that is not
+subnormal: CuPy appends ``-ftz=true`` to the options of every ``RawModule`` (an option given by us cannot undo
+it, NVRTC keeps the last), so a float32 result below 1.2e-38 becomes 0 on the GPU. Box coordinates in voxels
+or mm never come near that (it would take extents below 1e-19); ``tests/ops/test_nvrtc.py`` compiles the
+kernels with CuPy's exact options on NVRTC and keeps the deviation visible as a strict xfail.
 
-All functions take validated, C-contiguous CuPy arrays on the current device and return CuPy arrays.
+Launch geometry (grid, block, dynamic shared memory): :mod:`ops.launch`, shared with the CPU emulation
+test of the kernels. All functions take validated, C-contiguous CuPy arrays on the current device and
+return CuPy arrays.
 """
 
 from __future__ import annotations
@@ -16,14 +22,21 @@ from pathlib import Path
 
 from ops.arrays import cupy_module
 from ops.boxes import rank_order
+from ops.launch import (
+    GATHER_THREADS,  # noqa: F401  (re-exported, as NMS_TILE and MAX_SHARED_WORDS)
+    MAX_SHARED_WORDS,  # noqa: F401
+    NMS_TILE,  # noqa: F401
+    iou_launch,
+    iou_row_chunks,
+    nms_blocks,
+    nms_gather_launch,
+    nms_mask_launch,
+)
 
 log = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 NVRTC_OPTIONS = ("--std=c++14", "--fmad=false")
-NMS_TILE = 64
-GATHER_THREADS = 256
-MAX_SHARED_WORDS = 5_632  # removed-bitset words in 48 KiB of shared memory, minus the static part
 
 _modules: dict[tuple[str, int], object] = {}
 _INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.MULTILINE)
@@ -56,13 +69,10 @@ def box_iou(a, b, giou: bool = False):
     if n == 0 or m == 0:
         return out
     fn = _function("iou", f"box_{'giou' if giou else 'iou'}_{d}d")
-    grid_y = (n + 7) // 8
-    if grid_y > 65535:
-        half = n // 2
-        out[:half] = box_iou(a[:half], b, giou)
-        out[half:] = box_iou(cp.ascontiguousarray(a[half:]), b, giou)
-        return out
-    fn(((m + 31) // 32, grid_y), (32, 8), (a, b, cp.int32(n), cp.int32(m), out))
+    # rows are split so that each launch's grid_y fits the CUDA limit (see ops.launch)
+    for s0, s1 in iou_row_chunks(n):
+        g = iou_launch(s1 - s0, m)
+        fn(g.grid, g.block, (cp.ascontiguousarray(a[s0:s1]), b, cp.int32(s1 - s0), cp.int32(m), out[s0:s1]))
     return out
 
 
@@ -75,24 +85,20 @@ def _greedy(boxes_sorted, labels_sorted, thr, want_head: bool):
     cp = cupy_module()
     n = boxes_sorted.shape[0]
     d = boxes_sorted.shape[1] // 2
-    cb = (n + NMS_TILE - 1) // NMS_TILE
-    if cb > MAX_SHARED_WORDS:
-        raise ValueError(
-            f"NMS on the GPU supports at most {MAX_SHARED_WORDS * NMS_TILE} boxes, got {n}: keep the top-k "
-            "by score first"
-        )
+    if n == 0:  # a (0, 0) grid is an invalid launch
+        return cp.zeros(0, cp.uint8), (cp.zeros(0, cp.int32) if want_head else None)
+    cb = nms_blocks(n)  # ValueError when the gather kernel's bitset would not fit in shared memory
+    mask_launch, gather_launch = nms_mask_launch(n), nms_gather_launch(n)
     use_labels = labels_sorted is not None
     labels = labels_sorted if use_labels else cp.zeros(1, cp.int64)
     mask = cp.zeros((n, cb), cp.uint64)
-    _function("nms", f"nms_mask_{d}d")(
-        (cb, cb), (NMS_TILE,), (boxes_sorted, labels, cp.int32(use_labels), cp.int32(n), cp.float32(thr), mask)
-    )
+    args = (boxes_sorted, labels, cp.int32(use_labels), cp.int32(n), cp.float32(thr), mask)
+    _function("nms", f"nms_mask_{d}d")(mask_launch.grid, mask_launch.block, args)
     keep = cp.empty(n, cp.uint8)
     head = cp.empty(n if want_head else 1, cp.int32)
-    _function("nms", "nms_gather")(
-        (1,), (GATHER_THREADS,), (mask, cp.int32(n), cp.int32(cb), keep, head, cp.int32(want_head)),
-        shared_mem=cb * 8,
-    )
+    args = (mask, cp.int32(n), cp.int32(cb), keep, head, cp.int32(want_head))
+    gather = _function("nms", "nms_gather")
+    gather(gather_launch.grid, gather_launch.block, args, shared_mem=gather_launch.shared_mem)
     return keep, (head if want_head else None)
 
 
