@@ -7,6 +7,8 @@ Usage (from the repo root):
     python benchmarks/train_step.py --preset cpu --size 96 --ddp 1      # DDP overhead at N=1 vs plain steps
     python benchmarks/train_step.py --ddp 8                             # GPU: throughput 1 vs 8 GPUs, efficiency
     python benchmarks/train_step.py --preset cpu --size 64 --precision  # float32 vs bfloat16 autocast steps
+    python benchmarks/train_step.py --memory                            # memory estimate vs CPU measurement
+    python benchmarks/train_step.py --memory --memory_voxels 0 --memory_batch 1   # the plans' own patches, batch 1
 
 ``--ddp 1`` times plain steps and steps through a ``DistributedDataParallel`` wrapper (a one-process gloo or
 NCCL group) alternately on the same batches, so both see the same machine load; the overhead is the ratio of
@@ -22,6 +24,12 @@ Per step it records the time spent waiting for the next batch and the step itsel
 It also measures the loader alone (batches/s it can deliver with the same workers). On a GPU it reports
 ``torch.cuda.max_memory_reserved`` next to the planner's estimate (``memory_estimate_bytes``) and the GPU
 utilisation sampled through NVML when ``pynvml`` is installed.
+
+``--memory`` needs no GPU: for the five calibration plans of ``benchmarks/memory_probe.py`` (3D CT-like, its
+low-resolution plan, 2D, 2 modalities, the cpu preset) it measures one training step on the CPU under bfloat16
+autocast (saved-for-backward bytes, parameters, per-phase peaks of the allocator) and prints it next to the
+planner's estimate at the same patch and batch (``--memory_voxels``: patches shrunk to at most that many
+voxels, 0 = the plan's; ``--memory_batch``: 0 = the plan's batch).
 """
 
 from __future__ import annotations
@@ -227,6 +235,43 @@ def run_precision(args) -> None:
         print(f"| {name} autocast | {mixed * 1e3:.0f} ms | **{f32 / mixed:.2f}x** |")
 
 
+def run_memory(args) -> None:
+    """The planner's memory estimate next to a CPU measurement of one training step, for the five plans."""
+    import torch
+
+    from benchmarks import memory_probe as mp
+    from planner.plan.memory import CALIBRATION_FACTOR, DEFAULT_BOXES_PER_IMAGE
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    t0 = time.perf_counter()
+    plans = mp.probe_plans()
+    rows = []
+    for name, plan in plans.items():
+        if args.memory_plans and name not in args.memory_plans:
+            continue
+        voxels, batch = mp.TEST_SIZES[name]
+        if args.memory_voxels is not None:
+            voxels = args.memory_voxels or None
+        if args.memory_batch is not None:
+            batch = args.memory_batch or None
+        patch, batch = mp.probe_sizes(plan, voxels, batch)
+        rows.append(mp.compare(name, plan, patch, batch))
+        print(f"{name}: plan {plan.plan_id} patch {plan.patch_size} batch {plan.batch_size}, measured at {patch} "
+              f"batch {batch} in {rows[-1].measured.seconds:.1f} s", flush=True)
+    print(f"\nCPU, bfloat16 autocast with CUDA's float32 ops in float32, {DEFAULT_BOXES_PER_IMAGE} GT boxes per "
+          f"image, CALIBRATION_FACTOR {CALIBRATION_FACTOR}; {time.perf_counter() - t0:.0f} s in all\n")
+    print(mp.table(rows))
+    print("\nMiB, measured / estimated (saved: what encoder, decoder and heads keep, CPU hooks / meta pass)\n")
+    print(mp.phase_table(rows))
+    ratios = [c.ratio for c in rows]
+    acts = [c.activation_ratio for c in rows if c.activation_ratio is not None]
+    print(f"\nestimate / measured peak: min {min(ratios):.3f}, max {max(ratios):.3f}")
+    if acts:
+        print(f"measured / estimated activation part (what CALIBRATION_FACTOR scales): min {min(acts):.3f}, "
+              f"mean {sum(acts) / len(acts):.3f}, max {max(acts):.3f}")
+
+
 def run_ddp(args) -> None:
     import torch
 
@@ -322,8 +367,19 @@ def main(argv: list[str] | None = None) -> None:
                    "the throughput of N processes (one per GPU) and the scaling efficiency")
     p.add_argument("--precision", action="store_true", help="float32 vs autocast (bfloat16 on a CPU with native "
                    "support, float16 on CUDA) training steps, alternately on the same batches")
+    p.add_argument("--memory", action="store_true", help="the planner's memory estimate vs one training step "
+                   "measured on the CPU (bfloat16 autocast), for the five calibration plans")
+    p.add_argument("--memory_voxels", type=int, default=None, help="--memory: shrink each plan's patch to at most "
+                   "this many voxels, half of it in 2D (0: the plan's patch; default: the sizes of "
+                   "tests/planner/test_memory_measured.py, memory_probe.TEST_SIZES)")
+    p.add_argument("--memory_batch", type=int, default=None, help="--memory: images per step (0: the plan's batch; "
+                   "default: as the test)")
+    p.add_argument("--memory_plans", nargs="*", default=None, help="--memory: only these plans (3d 3dlr1 2d "
+                   "3d_2mod 3d_cpu)")
     args = p.parse_args(argv)
-    if args.precision:
+    if args.memory:
+        run_memory(args)
+    elif args.precision:
         run_precision(args)
     elif args.ddp:
         run_ddp(args)

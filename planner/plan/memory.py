@@ -1,31 +1,45 @@
 """Training GPU memory of the Retina U-Net, estimated without a GPU (nnDetection measures it on one).
 
 nnDetection (``MemoryEstimatorDetection``) builds the network while planning and measures the memory
-of 10 real training steps on a GPU. We count it instead: what autograd keeps for the backward pass at
-the peak (the end of the forward pass), the largest gradient buffers alive during the backward pass,
-the parameters with their gradients and SGD momentum, the anchors and the matcher's matrices, plus two
-fixed terms nnDetection also budgets: the CUDA context and a safety offset for cuDNN workspaces and
-allocator slack. The result is a pure function of (architecture, patch, batch, anchors per location).
+of 10 real training steps on a GPU. We count it instead, phase by phase of one training step (forward pass
+with the losses, backward pass, optimizer step), and take the largest, plus two fixed terms nnDetection also
+budgets: the CUDA context and a safety offset for cuDNN workspaces and allocator slack. The result is a pure
+function of (architecture, patch, batch, anchors per location, boxes per image).
 
-The network's own facts (channels of every encoder stage and FPN level, convs per stage and per head
-tower, which FPN levels have an output conv, head output channels, parameter count) are not described
-here: :mod:`planner.plan.network_facts` reads them off the template's network built on the ``meta``
-device. This module only models the bytes each kind of layer keeps.
+Where the numbers come from:
 
-What one layer keeps (bytes per element, AMP = fp16 activations, fp32 master weights):
+- **the network** (:mod:`planner.plan.network_facts`): the template's ``RetinaUNet`` is built on the
+  ``meta`` device; its parameter count and weight-decay group are read off its modules, and what its forward
+  pass saves for the backward pass is counted by running it once on ``meta`` tensors under CUDA autocast's
+  casting rules (``SavedActivations``: bytes per voxel of every pyramid level, by encoder, decoder, heads and
+  segmentation head, and the 16-bit weight copies). Nothing here describes the network a second time, so the
+  estimate follows ``network.py`` when it changes. (The hand count this replaced had wrong terms: conv biases
+  in the encoder, which MONAI's ``UnetBasicBlock`` does not have; a "merged + output" map on every FPN level,
+  where the output maps are kept by the heads; the CUDA-only GroupNorm fp32 copies counted by hand.)
+- **the losses** (``scripts/detector.py``, ``scripts/losses.py``, MONAI's ATSS matcher and box IoU): modelled
+  below per anchor, per voxel and per GT box, term by term with the code line it stands for. They run partly
+  on data-dependent shapes (matching, sampling), which a meta pass cannot follow.
+- **the optimizer**: fp32 weights and SGD momentum all step long; fp32 gradients and, in CUDA's foreach SGD,
+  one gradient copy for the weight-decay group during ``step()``.
 
-- encoder ``conv -> InstanceNorm -> ReLU(inplace)``: the conv output (input of the norm) and the
-  norm/ReLU output (input of the next conv): 2 fp16 tensors. InstanceNorm is not on autocast's fp32
-  list, so it runs in fp16.
-- head ``conv -> GroupNorm -> ReLU``: GroupNorm *is* on autocast's fp32 list, so the conv output is
-  cast to an fp32 copy (kept by the norm), the norm/ReLU output is fp32 (kept by ReLU) and the next
-  conv keeps its own fp16 cast: 4 + 4 + 2 = 10 bytes.
-- FPN level: the merged map (kept by the next upsampling and the output conv) and, on the levels with
-  an output conv (the decoder levels and P0), the output map.
+Per phase (b images, N anchors per image, V voxels, G GT boxes per image, C classes, K = 2 * dim, S seg
+classes, ``act`` = 2 bytes under AMP, 4 in float32):
 
-``CALIBRATION_FACTOR`` scales the activation part and is 1.0 until a measurement on a GPU says
-otherwise (``benchmarks``: measure ``torch.cuda.max_memory_reserved`` of real training steps with
-the bundle's network and set the factor to measured / estimated activation bytes).
+- **forward**: parameters + weight copies + inputs + what the network saves, plus the largest of the loss
+  stage's moments: matching the last image (MONAI's ``box_iou`` holds four ``[G, N, dim]`` float32 arrays,
+  or three and three ``[G, N]`` ones, next to the ``[G, N]`` centre distances); the foreground probabilities of the sampler; the stacked matched
+  boxes; the segmentation loss. All of them on top of the network outputs (kept by the detector until the
+  forward returns), their flattened copies, the anchors and the per-image labels and matched boxes.
+- **backward**: everything saved at the end of the forward pass plus gradient buffers of the largest map
+  (``BACKWARD_GRAD_BUFFERS`` of the batch and ``BACKWARD_IMAGE_BUFFERS`` of one image; the largest of the
+  encoder/FPN maps, the heads' fp32 maps and the head outputs).
+- **step**: parameters + gradients + the foreach copy of the decayed gradients.
+
+``CALIBRATION_FACTOR`` scales the activation-dependent terms; it was set from a measurement of one training
+step on the CPU under bfloat16 autocast (same 2 bytes as fp16 AMP; ``benchmarks/memory_probe.py``, which also
+runs CUDA autocast's float32 ops in float32 as a GPU does) of five plans; see its comment for the numbers.
+What the CPU cannot measure stays the fixed margin: ``CUDA_CONTEXT_BYTES`` and ``WORKSPACE_OFFSET_BYTES``
+(cuDNN's workspaces and the caching allocator's block rounding and fragmentation).
 """
 
 from __future__ import annotations
@@ -34,25 +48,125 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from planner.plan.network_facts import network_facts
+from planner.plan.network_facts import network_facts, network_saved_activations
 from planner.plan.plan import ArchitecturePlan
 
 MIB = 2**20
 CUDA_CONTEXT_BYTES = 910 * MIB  # nnDetection's CUDA context assumption (RTX 2080 Ti)
 WORKSPACE_OFFSET_BYTES = 768 * MIB  # nnDetection's safety offset (cuDNN workspaces, fluctuation)
 DEFAULT_BUDGET_BYTES = 11523260416 - 11 * MIB  # nnDetection's target: RTX 2080 Ti total minus 11 MB
-CALIBRATION_FACTOR = 1.0  # measured / estimated activations; 1.0 = not yet calibrated on a GPU
+# measured / estimated activation part of one step on the CPU (benchmarks/memory_probe.py via
+# ``benchmarks/train_step.py --memory``; tests/planner/test_memory_measured.py): five plans at the test's sizes
+# 0.989-0.997 (mean 0.993), at the plans' own patches (batch 1) 0.985-0.995 (mean 0.991). Left at 1.0: the
+# model errs by at most 1.5 % high, the safe side; the table is in benchmarks/RESULTS.md
+CALIBRATION_FACTOR = 1.0
 DEFAULT_BOXES_PER_IMAGE = 16  # GT boxes per image the matcher sees (IoU/distance matrices)
-BACKWARD_GRAD_BUFFERS = 3  # activation-gradient buffers alive at once in backward, largest map
-PARAM_BYTES_SGD = 4 + 4 + 4  # fp32 weight, gradient, momentum
-PARAM_BYTES_AMP_COPY = 2  # autocast's cached fp16 copy of each weight during a step
-GN_HEAD_BYTES_AMP = 4 + 4 + 2  # fp32 norm input copy, fp32 norm/ReLU output, fp16 copy for next conv
-SEG_BYTES_PER_CLASS = 2 + 4 + 4 + 4 + 4 + 8  # logits, CE fp32 cast/log-softmax, Dice softmax/one-hot/products
+# backward: gradient buffers of the largest map alive at once on top of the saved tensors, for the batch and
+# for one image (measured on the CPU: 3.2x the largest map of one image at batch 1, 2.2x the batch's at 2, 2.1x at 4)
+BACKWARD_GRAD_BUFFERS = 2
+BACKWARD_IMAGE_BUFFERS = 1
+PARAM_BYTES_SGD = 4 + 4  # fp32 weight and SGD momentum, alive all step long
+GRAD_BYTES = 4  # fp32 gradient (``zero_grad(set_to_none=True)``: allocated in backward)
+FOREACH_GRAD_COPY_BYTES = 4  # CUDA's foreach SGD: ``grads + weight_decay * params`` as new tensors
+# per anchor (bytes), the detection loss (scripts/detector.py ``_losses`` / ``_match``)
+ANCHOR_LIST_BYTES = 8  # + 4 * K: per image, the anchor labels (int64) and the matched box (fp32 K) per anchor
+MATCH_INDEX_BYTES = 8 + 8  # ``_match``: the matcher's index and its clamped copy (int64), one image
+# box_iou (MONAI's _box_inter_union), [G, N, dim] / [G, N] float32: the larger of its two moments, lt, rb and two
+# temporaries of ``rb - lt + 1`` (4 dim-arrays) or lt, rb, wh with inter, area1 + area2 and union (3 + 3 arrays)
+MATCHER_IOU_ARRAYS = (4, 0), (3, 3)  # (per-axis arrays, per-pair arrays)
+MATCHER_PAIR_BYTES = 4  # boxes_center_distance: [G, N] float32, alive during box_iou
+MATCHER_ANCHOR_BYTES = 4  # + 4 * K: anchor areas (fp32) and centres (fp32, K per anchor)
+FG_PROB_BYTES_PER_CLASS = 4 + 4  # sampler input: cls.float() and its sigmoid
+FG_PROB_BYTES = 4 + 8  # their max over classes: values (fp32) and indices (int64)
+STACK_BYTES = 8 + 2 + 4 + 2  # + 4 * K: stack(labels) int64, pos/sampled masks, fg_probs, sampler masks
+LOSS_MASK_BYTES = 2  # pos and sampled masks saved by the indexing for backward
+# per voxel, the segmentation loss (scripts/losses.py SegLoss: CE + MONAI Dice, float32)
+SEG_SAVED_BYTES_PER_CLASS = 3 * 4  # log_softmax output (CE), softmax output and one-hot target (Dice)
+SEG_SAVED_BYTES = 8  # the int64 foreground target
+SEG_TRANSIENT_BYTES_PER_CLASS = 4 + 4  # logits.float() and the Dice product (one class less, rounded up)
 
 
 def count_parameters(arch: ArchitecturePlan, num_anchors_per_location: int) -> int:
     """Parameters of the template's Retina U-Net for this plan: ``sum(p.numel())`` of the built network."""
     return network_facts(arch, num_anchors_per_location).num_parameters
+
+
+def _level_voxels(arch: ArchitecturePlan, patch_size: Sequence[int]) -> list[int]:
+    cum = np.cumprod(np.asarray(arch.strides, dtype=np.int64), axis=0)
+    return [int(np.prod(np.maximum(np.asarray(patch_size) // c, 1))) for c in cum]
+
+
+def _model(arch: ArchitecturePlan, patch_size: Sequence[int], batch_size: int, num_anchors_per_location: int,
+           amp: bool, num_boxes_per_image: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(kept-at-end-of-forward components, phase peaks), bytes without the CUDA margin."""
+    act = 2 if amp else 4
+    b, dim, k = int(batch_size), arch.dim, 2 * arch.dim
+    g = max(1, int(num_boxes_per_image))
+    facts = network_facts(arch, num_anchors_per_location)
+    saved = network_saved_activations(arch, num_anchors_per_location, amp)
+    vox = _level_voxels(arch, patch_size)
+    v = vox[0]
+    n = num_anchors_per_location * sum(vox[lv] for lv in arch.decoder_levels)  # anchors per image
+    c, s = facts.cls_out_channels // num_anchors_per_location, facts.seg_classes
+    cal = CALIBRATION_FACTOR
+
+    params = facts.num_parameters * PARAM_BYTES_SGD
+    copies = saved.weight_copies
+    inputs = b * v * (4 * arch.in_channels + 4) + b * g * (4 * k + 8)  # fp32 image, int32 seg, boxes, labels
+    net = saved.component_bytes(vox, b)
+    seg_saved = b * v * (s * SEG_SAVED_BYTES_PER_CLASS + SEG_SAVED_BYTES)
+    loss_saved = b * n * LOSS_MASK_BYTES
+    kept = {
+        "encoder_activations": cal * net["encoder"],
+        "decoder_activations": cal * net["decoder"],
+        "head_activations": cal * net["heads"],
+        "seg_head_activations": cal * (net["seg_head"] + seg_saved),
+        "loss_activations": cal * loss_saved,
+    }
+    base = params + copies + inputs
+    end_of_forward = base + sum(kept.values())
+
+    # the loss stage, on top of the network's saved tensors (no loss tensor saved yet)
+    outputs = b * n * (c + k) * act + b * s * v * act  # cls / scaled reg / seg logits, held until forward returns
+    flat = b * n * (c + k) * act  # _flatten_levels: contiguous [B, N, C] and [B, N, K] copies
+    anchors = n * k * 4  # one fp32 set for the batch (anchors_for)
+    lists = n * (ANCHOR_LIST_BYTES + 4 * k)  # per matched image
+    common = outputs + flat + anchors
+    matching = (common + (b - 1) * lists + n * MATCH_INDEX_BYTES
+                + n * (g * (4 * max(a * dim + p for a, p in MATCHER_IOU_ARRAYS) + MATCHER_PAIR_BYTES)
+                       + MATCHER_ANCHOR_BYTES + 4 * k))
+    fg_probs = common + b * lists + b * n * (FG_PROB_BYTES_PER_CLASS * c + FG_PROB_BYTES)
+    stacks = common + b * lists + b * n * (STACK_BYTES + 4 * k)
+    seg_loss = common + b * lists + loss_saved + seg_saved + b * v * s * SEG_TRANSIENT_BYTES_PER_CLASS
+    net_saved = sum(net.values())
+    forward = base + cal * (net_saved + max(matching, fg_probs, stacks, seg_loss))
+
+    # the largest gradient buffer of one image: an encoder/FPN map, a head tower map (fp32 after GroupNorm) or
+    # a head output (the flattened outputs' gradients are scattered back into full-size tensors)
+    largest = max([ch * vv * act for ch, vv in zip(list(facts.encoder_channels) + list(facts.fpn_channels),
+                                                   vox + vox, strict=True)]
+                  + [facts.head_channels * vox[lv] * 4 for lv in arch.decoder_levels]
+                  + [n * k * act, n * c * act])
+    backward = end_of_forward + cal * (BACKWARD_GRAD_BUFFERS * b + BACKWARD_IMAGE_BUFFERS) * largest
+    step = params + inputs + facts.num_parameters * GRAD_BYTES + facts.num_decay_parameters * FOREACH_GRAD_COPY_BYTES
+    components = {"parameters": int(params), "weight_copies": int(copies), "inputs": int(inputs),
+                  **{key: int(val) for key, val in kept.items()}}
+    phases = {"end_of_forward": int(end_of_forward), "forward": int(forward), "backward": int(backward),
+              "step": int(step)}
+    return components, phases
+
+
+def phase_peaks(
+    arch: ArchitecturePlan,
+    patch_size: Sequence[int],
+    batch_size: int,
+    num_anchors_per_location: int,
+    amp: bool = True,
+    num_boxes_per_image: int = DEFAULT_BOXES_PER_IMAGE,
+) -> dict[str, int]:
+    """Estimated bytes in use at the end of the forward pass and at the peak of each phase (forward incl.
+    losses, backward, optimizer step), without the CUDA margin: what ``benchmarks/memory_probe.py`` measures."""
+    return _model(arch, patch_size, batch_size, num_anchors_per_location, amp, num_boxes_per_image)[1]
 
 
 def memory_breakdown(
@@ -65,6 +179,11 @@ def memory_breakdown(
 ) -> dict[str, int]:
     """Bytes per component of the training peak; ``total`` is what the planner compares with the budget.
 
+    The components add up to ``total``: the CUDA margin, the parameters (fp32 weights and momentum), autocast's
+    weight copies, the inputs, what is saved for backward at the end of the forward pass (encoder, decoder,
+    heads, segmentation head and loss, detection loss) and ``peak_transient``, what the step's peak phase
+    (see :func:`phase_peaks`) holds on top of that.
+
     Args:
         arch: topology (stage strides/kernels, channels, decoder levels, classes).
         patch_size: [dim] training patch (voxels, transposed order).
@@ -76,57 +195,12 @@ def memory_breakdown(
     Returns:
         dict of component -> bytes, with ``total`` (and ``num_parameters``, a count).
     """
-    act = 2 if amp else 4
-    b = int(batch_size)
-    dim = arch.dim
-    net = network_facts(arch, num_anchors_per_location)
-    enc, fpn = list(net.encoder_channels), list(net.fpn_channels)
-    cum = np.cumprod(np.asarray(arch.strides, dtype=np.int64), axis=0)
-    vox = [int(np.prod(np.maximum(np.asarray(patch_size) // c, 1))) for c in cum]
-    levels = list(arch.decoder_levels)
-    a = num_anchors_per_location
-    num_anchors = a * sum(vox[lv] for lv in levels)
-
-    # fp32 image, its fp16 cast kept by the first conv, seg target
-    inputs = b * vox[0] * (arch.in_channels * (4 + (2 if amp else 0)) + 4)
-    # every conv of a stage keeps its output and the norm/ReLU output
-    encoder = sum(b * n * 2 * c * v * act for n, c, v in zip(net.encoder_convs, enc, vox, strict=True))
-    # merged map per FPN level, output map on the levels with an output conv
-    decoder = sum(b * (2 if s in net.fpn_output_levels else 1) * c * v * act
-                  for s, (c, v) in enumerate(zip(fpn, vox, strict=True)))
-    gn = GN_HEAD_BYTES_AMP if amp else 4 + 4
-    tower_convs = net.cls_head_convs + net.reg_head_convs
-    heads = 0
-    for lv in levels:
-        heads += b * tower_convs * net.head_channels * vox[lv] * gn  # cls + reg towers
-        heads += b * net.cls_out_channels * vox[lv] * act * 3  # logits, permuted copy, concatenation
-        heads += b * net.reg_out_channels * vox[lv] * act * 4  # deltas, learnable scale, permuted copy, concat
-    seg = b * vox[0] * (net.seg_classes * SEG_BYTES_PER_CLASS + 8)
-    anchors = b * num_anchors * 2 * dim * 4  # fp32 anchors per image (MONAI generates one set per image)
-    anchors += b * num_anchors * (8 + 4 * arch.num_classes)  # matched indices (int64), sampler probabilities
-    # the matcher's IoU and distance matrices and anchor centres, one image at a time
-    anchors += num_anchors * 4 * (2 * max(1, num_boxes_per_image) + 3 * dim)
-    largest = max(b * c * v * act for c, v in zip(enc + fpn, vox + vox, strict=True))
-    backward = BACKWARD_GRAD_BUFFERS * largest
-    params = net.num_parameters
-    param_bytes = params * (PARAM_BYTES_SGD + (PARAM_BYTES_AMP_COPY if amp else 0))
-
-    activations = inputs + encoder + decoder + heads + seg + anchors + backward
-    out = {
-        "cuda_context": CUDA_CONTEXT_BYTES,
-        "workspace_offset": WORKSPACE_OFFSET_BYTES,
-        "parameters": int(param_bytes),
-        "inputs": int(inputs),
-        "encoder_activations": int(encoder),
-        "decoder_activations": int(decoder),
-        "head_activations": int(heads),
-        "seg_head_activations": int(seg),
-        "anchors_and_matching": int(anchors),
-        "backward_transient": int(backward),
-        "num_parameters": params,
-    }
-    fixed = CUDA_CONTEXT_BYTES + WORKSPACE_OFFSET_BYTES + param_bytes
-    out["total"] = int(fixed + CALIBRATION_FACTOR * activations)
+    components, phases = _model(arch, patch_size, batch_size, num_anchors_per_location, amp, num_boxes_per_image)
+    peak = max(phases["forward"], phases["backward"], phases["step"])
+    out = {"cuda_context": CUDA_CONTEXT_BYTES, "workspace_offset": WORKSPACE_OFFSET_BYTES, **components}
+    out["peak_transient"] = int(peak - sum(components.values()))
+    out["total"] = int(CUDA_CONTEXT_BYTES + WORKSPACE_OFFSET_BYTES + peak)
+    out["num_parameters"] = network_facts(arch, num_anchors_per_location).num_parameters
     return out
 
 
