@@ -12,6 +12,7 @@ from bundles.retinaunet_template.scripts.augment import DetectionAugmentation
 from bundles.retinaunet_template.scripts.data import (
     CENTRE,
     FOREGROUND,
+    FOREGROUND_CENTRE,
     RANDOM,
     OversamplingBatchSampler,
     PatchDataset,
@@ -108,6 +109,22 @@ def test_foreground_crops_contain_the_whole_instance(prep3d):
             whole = [box for box in s["boxes"].numpy() if np.array_equal(box[3:] - box[:3], size)]
             assert whole, f"instance {c}/{k} clipped with seed {seed}: {s['boxes']}"
             assert (whole[0][:3] >= 0).all() and (whole[0][3:] <= PATCH).all()
+
+
+def test_foreground_crops_stay_inside_the_scan(prep3d):
+    # c0's first object touches the low corner (2..8, 3..9, 4..10) and its second the high end: unclipped
+    # offsets would start up to 14 voxels before 0 or end past the scan. As nnDetection's OffsetFGCrop, the
+    # start stays in [0, shape - patch] (c1's x axis, 12 < 16, is covered whole: start in [-4, 0]).
+    ds = PatchDataset(prep3d / "imagesTr", ["c0", "c1", "c2"], PATCH)
+    rng = np.random.default_rng(0)
+    for c, k in ds.instances:
+        shape = np.asarray(ds.shapes[c])
+        lo, hi = np.minimum(0, shape - 16), np.maximum(0, shape - 16)
+        for mode in (FOREGROUND, FOREGROUND_CENTRE):
+            starts = np.array([ds.patch_start((mode, c, k, 0), rng) for _ in range(100)])
+            assert (starts >= lo).all() and (starts <= hi).all(), (c, k, mode, starts.min(0), starts.max(0))
+    starts = np.array([ds.patch_start((FOREGROUND, 0, 0, 0), rng) for _ in range(100)])
+    assert (starts.min(0) == 0).all()  # the clipped offsets do reach the border
 
 
 def test_random_crop_stays_inside_when_possible(prep3d):

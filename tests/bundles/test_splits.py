@@ -30,6 +30,18 @@ def test_splits_deterministic_disjoint_cover_all():
         assert set(f["train"]) | set(f["val"]) == set(CASES)
 
 
+def test_folds_are_nndetections_sklearn_kfold():
+    # nnDetection: KFold(5, shuffle=True, random_state=12345).split(np.sort(ids)). KFold shuffles arange(7)
+    # with RandomState(12345) -> [6, 3, 4, 0, 1, 5, 2] and cuts chunks of 2, 2, 1, 1, 1 (the first 7 % 5
+    # one larger). Checked once against scikit-learn's KFold; the old default_rng permutation gave
+    # other folds.
+    ids = [f"case_{c}" for c in "gfedcba"]
+    vals = [f["val"] for f in make_splits(ids)]
+    assert vals == [["case_d", "case_g"], ["case_a", "case_e"], ["case_b"], ["case_f"], ["case_c"]]
+    # 23 ids: the larger folds come first, as in KFold
+    assert [len(f["val"]) for f in make_splits(CASES)] == [5, 5, 5, 4, 4]
+
+
 def test_too_few_cases():
     with pytest.raises(ValueError, match="cannot be split"):
         make_splits(CASES[:3], num_folds=5)

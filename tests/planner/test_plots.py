@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
 from planner.fingerprint import CaseFingerprint, Fingerprint, IntensityStats
 from planner.plan.plan import AnchorPlan, ArchitecturePlan, Plan
+from planner.plan import plots
 from planner.plan.plots import plan_box_sizes, write_planner_plots
 
 DATASET_PNGS = {
@@ -91,12 +94,34 @@ def test_plots_without_objects(tmp_path):
     _check_pngs(paths, out, ["D3V001_3d"])
 
 
-def test_plots_2d(tmp_path):
+def test_plots_2d(tmp_path, monkeypatch):
     fp = _fingerprint([_case("a", [[1, 2, 5, 9], [3, 3, 20, 10]], [0, 1], [0.5, 0.8], [30, 30]),
                        _case("b", [[0, 0, 4, 4]], [1], [0.5, 0.8], [30, 30])], 2)
     out = tmp_path / "analysis"
+    figures = {}
+    real_save = plots._save
+
+    def save(fig, path):
+        figures[Path(path).name if Path(path).parent == out else f"{Path(path).parent.name}/{Path(path).name}"] = fig
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save)
     paths = write_planner_plots(fp, [_plan(2, [0.5, 0.8], [1, 0], "2d")], out)
     _check_pngs(paths, out, ["D2V001_2d"])
+    # the panels a 2D task should get, each with something drawn in it (bars, points or lines)
+    panels = {"box_sizes.png": 4, "box_volumes.png": 2, "box_size_scatter.png": 1, "class_counts.png": 1,
+              "instances_per_case.png": len(plots.INSTANCE_RANGES), "spacings.png": 1,
+              "D2V001_2d/box_size_scatter.png": 1}
+    assert {k: len(f.axes) for k, f in figures.items()} == panels
+    for name, fig in figures.items():
+        for ax in fig.axes:
+            drawn = len(ax.patches) + len(ax.lines) + sum(len(c.get_offsets()) for c in ax.collections)
+            assert drawn > 0, f"{name}: empty panel {ax.get_title()!r}"
+    # the dataset scatter shows the three boxes; the PNG is more than a white page
+    points = sum(len(c.get_offsets()) for c in figures["box_size_scatter.png"].axes[0].collections)
+    assert points == 3
+    img = mpimg.imread(out / "box_size_scatter.png")[..., :3]
+    assert (img < 0.9).any(axis=-1).mean() > 0.01
 
 
 def test_plan_box_sizes_scales_and_transposes():

@@ -181,25 +181,32 @@ class PatchDataset(Dataset):
         return len(self.case_ids)
 
     def patch_start(self, request: Request, rng: np.random.Generator) -> np.ndarray:
-        """Start (voxel, array axes) of the final patch for a request; may be negative / past the end."""
+        """Start (voxel, array axes) of the final patch for a request.
+
+        The patch stays inside the scan along every axis where the scan is at least as long as the patch
+        (start in ``[0, shape - patch]``); along a shorter axis it covers the whole scan (start in
+        ``[shape - patch, 0]``, padded). Foreground starts are clipped to that range as nnDetection's
+        ``OffsetFGCrop`` does, so an object near the border does not bring a patch of padding with it;
+        clipping keeps an object that fits the patch wholly inside it.
+        """
         mode, c, k, _ = request
         shape, p = np.asarray(self.shapes[c]), np.asarray(self.patch_size)
+        lo, hi = np.minimum(0, shape - p), np.maximum(0, shape - p)
         if mode == RANDOM:
-            lo, hi = np.minimum(0, shape - p), np.maximum(0, shape - p)
             return np.array([rng.integers(a, b + 1) for a, b in zip(lo, hi, strict=True)])
         if mode == CENTRE:
             return (shape - p) // 2
         box = self.boxes[c][k]
         b_lo, b_hi = np.floor(box[: self.dim]).astype(int), np.ceil(box[self.dim :]).astype(int)
         if mode == FOREGROUND_CENTRE:
-            return (b_lo + b_hi) // 2 - p // 2
+            return np.clip((b_lo + b_hi) // 2 - p // 2, lo, hi)
         start = np.empty(self.dim, dtype=int)
         for a in range(self.dim):
             if b_hi[a] - b_lo[a] <= p[a]:  # whole object inside, random offset
                 start[a] = rng.integers(b_hi[a] - p[a], b_lo[a] + 1)
             else:  # bigger than the patch: random centre inside the box
                 start[a] = rng.integers(b_lo[a], b_hi[a]) - p[a] // 2
-        return start
+        return np.clip(start, lo, hi)
 
     def __getitem__(self, request: Request) -> dict:
         mode, c, _, seed = request

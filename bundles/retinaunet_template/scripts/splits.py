@@ -4,11 +4,11 @@ The splits file is a JSON list with one entry per fold::
 
     [{"train": ["case_0", ...], "val": ["case_3", ...]}, ...]
 
-nnDetection creates its folds with sklearn ``KFold(n_splits=5, shuffle=True, random_state=12345)`` and
-pickles them. We do not depend on sklearn and write JSON: our folds are deterministic and KFold-like (sorted
-ids, one seeded permutation, contiguous chunks whose sizes differ by at most one) but **their membership
-differs from nnDetection's** for the same seed. To reproduce nnDetection folds exactly, write them into the
-JSON file yourself; a user-provided file is accepted after validation.
+nnDetection creates its folds with sklearn ``KFold(n_splits=5, shuffle=True, random_state=12345)`` over the
+sorted case ids and pickles them. We write JSON and do not depend on sklearn, but make **the same folds**:
+KFold's shuffle is ``numpy.random.RandomState(random_state).shuffle`` of ``arange(n)``, cut into contiguous
+chunks, the first ``n % k`` one larger. A user moving from nnDetection compares fold by fold. A
+user-provided file is accepted after validation.
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ def make_splits(
 ) -> list[dict[str, list[str]]]:
     """Deterministic K-fold splits.
 
-    Case ids are sorted, permuted once with ``numpy.random.default_rng(seed)`` and cut into ``num_folds``
-    contiguous chunks (the first ``n % num_folds`` chunks get one extra case, as sklearn's KFold does).
-    Fold ``k`` validates on chunk ``k`` and trains on the rest. The result does not depend on the input
-    order of ``case_ids``. Membership differs from nnDetection's sklearn folds (see module docstring).
+    Case ids are sorted, their indices shuffled once with ``numpy.random.RandomState(seed)`` and cut into
+    ``num_folds`` contiguous chunks (the first ``n % num_folds`` chunks get one extra case): sklearn's
+    ``KFold(num_folds, shuffle=True, random_state=seed)``, so with the default seed the folds are
+    nnDetection's. Fold ``k`` validates on chunk ``k`` and trains on the rest. The result does not depend
+    on the input order of ``case_ids``.
 
     Args:
         case_ids: unique case identifiers.
@@ -61,7 +62,8 @@ def make_splits(
             f"make_splits: {len(ids)} case(s) cannot be split into {num_folds} folds; "
             "use fewer folds (-o num_folds=...) or add cases"
         )
-    order = np.random.default_rng(seed).permutation(len(ids))
+    order = np.arange(len(ids))
+    np.random.RandomState(seed).shuffle(order)  # legacy generator on purpose: sklearn's KFold uses it
     sizes = np.full(num_folds, len(ids) // num_folds)
     sizes[: len(ids) % num_folds] += 1
     bounds = np.concatenate([[0], np.cumsum(sizes)])
