@@ -11,8 +11,10 @@ boxes restored to original voxels); the criterion is the sweep's objective (``sw
 over the classes present), and the table carries AP@0.1, mAP@0.1:0.5, AP@0.5, FROC and the per-class values.
 The choice with every number goes to ``$det_models/<task>/best_configuration.json``.
 
-IoU is unchanged by per-axis scaling, so comparing in original voxels is what comparing in each plan's
-own preprocessed voxels would give for one plan; for the ensemble it is the only common frame.
+IoU is unchanged by per-axis scaling, so a plan scored in original voxels against its own restored ground
+truth gives its own ``nndet_eval`` numbers; for the ensemble original voxels are the only common frame. The
+table uses one truth for every row (the first plan's), so another plan's row can differ a little from its
+``nndet_eval`` numbers where its resampled instance maps give other ground-truth boxes.
 """
 
 from __future__ import annotations
