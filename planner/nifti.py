@@ -18,8 +18,10 @@ class CaseData:
     """One loaded case.
 
     Attributes:
-        data: float32 [C, *spatial] (C modalities; spatial is 2 or 3 axes, raw voxel order).
-        seg: int32 [*spatial] instance map (0 background) or None for unlabeled cases.
+        data: float32 [C, *spatial] (C modalities; spatial is 2 or 3 axes, raw voxel order); int8, uint8
+            or int16 as stored with ``load_case(compact=True)``.
+        seg: int32 [*spatial] instance map (0 background) or None for unlabeled cases; int16 where the
+            values fit with ``load_case(compact=True)``.
         affine: 4x4 voxel-to-world (RAS, mm) of the first modality.
         spacing: voxel size per spatial axis (mm).
         instances: instance id -> class index (from the case json), empty without labels.
@@ -117,13 +119,40 @@ def label_to_int(arr: np.ndarray, path: str | Path) -> np.ndarray:
     return rounded.astype(np.int32)
 
 
-def load_case(files: CaseFiles, dim: int, with_label: bool = True) -> CaseData:
+# stored image types float32 holds exactly: ``load_case(compact=True)`` keeps them (the preprocessing
+# chain converts slab by slab), halving the memory of an int16 CT; torch has tensors of each
+_COMPACT_IMAGE_TYPES = (np.int8, np.uint8, np.int16)
+
+
+def _compact_label(arr: np.ndarray, path: str | Path) -> np.ndarray:
+    """An integer instance map of at most 16 bits as C-ordered int16 when its values fit (room for the
+    -1 the crop writes), else ``label_to_int``'s int32 (C-ordered too)."""
+    arr = np.asarray(arr)
+    if arr.dtype.type in (np.int8, np.uint8, np.int16) or (
+        arr.dtype.type == np.uint16 and (arr.size == 0 or int(arr.max()) <= np.iinfo(np.int16).max)
+    ):
+        return np.asarray(arr, dtype=np.int16, order="C")
+    return np.asarray(label_to_int(arr, path), order="C")
+
+
+def load_case(files: CaseFiles, dim: int, with_label: bool = True, compact: bool = False) -> CaseData:
     """Load all modalities (+ label map and instance json when present and asked for; with box annotations
-    the box json, filled into an instance map by ``planner.box_labels``)."""
+    the box json, filled into an instance map by ``planner.box_labels``).
+
+    ``compact`` (the preprocessing worker): ``data`` stays in its stored type where that is int8, uint8
+    or int16 (values float32 holds exactly; anything else is float32 as usual) and is C-ordered, the
+    label map is int16 where its values fit: the same values in half the memory (a 512x512x600 int16 CT
+    is 300 MiB instead of 600, its uint8 label map 300 instead of 600), and the crop of the
+    preprocessing chain needs no copy of a case it does not crop.
+    """
     arrays, affine = [], None
     for p in files.images:
         arr, aff = load_nifti(p, dim)
-        arrays.append(np.asarray(arr, dtype=np.float32))
+        if compact and arr.dtype.type in _COMPACT_IMAGE_TYPES and len(files.images) == 1:
+            arrays.append(np.asarray(arr, order="C"))
+        else:
+            arrays.append(np.asarray(arr, dtype=np.float32, order="C" if compact else "K"))
+        del arr
         affine = aff if affine is None else affine
     odd = [(p, a.shape) for p, a in zip(files.images, arrays, strict=True) if a.shape != arrays[0].shape]
     if odd:
@@ -137,7 +166,8 @@ def load_case(files: CaseFiles, dim: int, with_label: bool = True) -> CaseData:
         seg, instances, _ = box_instance_map(files.instances_json, data.shape[1:], affine)
     elif with_label and files.label is not None and files.label.exists():
         seg_arr, _ = load_nifti(files.label, dim)
-        seg = label_to_int(seg_arr, files.label)
+        seg = _compact_label(seg_arr, files.label) if compact else label_to_int(seg_arr, files.label)
+        del seg_arr
         if seg.shape != data.shape[1:]:
             raise DatasetError([(str(files.label), f"label shape {seg.shape} differs from image shape {data.shape[1:]}")])
         if files.instances_json is not None:

@@ -81,7 +81,9 @@ def preprocess_case(files: CaseFiles, dim: int, chain, out_dir: Path, plan_id: s
     Raises:
         DatasetError: an instance in the label map is missing from the case json.
     """
-    case = load_case(files, dim, with_label=True)
+    # compact: an int16 CT stays int16 until the resampling converts it slab by slab (the chain's
+    # output is float32 as always, the same values; issue 17, item 6)
+    case = load_case(files, dim, with_label=True, compact=True)
     data: dict[str, Any] = {IMAGE_KEY: case.data, SPACING_KEY: case.spacing}
     if case.seg is not None:
         data[SEG_KEY] = case.seg[None]
