@@ -104,15 +104,23 @@ def test_no_boxes_falls_back_to_initial_sizes():
     assert plan.base_sizes == [list(ANCHOR_INIT)] * 3 and plan.mean_best_iou == 0.0
 
 
-def test_shapes_work_as_monai_cell_anchors():
-    """The per-level shapes are directly usable as MONAI cell anchors (voxels of the input image)."""
-    boxes = np.tile([[10.0, 6.0, 12.0]], (20, 1))
+def test_the_network_builds_the_planned_anchors_also_for_odd_sizes():
+    """The detector's generator builds every planned shape exactly, odd sizes included (MONAI's own cell
+    anchors round 3 and 5 to 4, which is what the planner must not be blind to), so the mean best IoU the
+    plan reports is that of the network's anchors."""
+    from bundles.retinaunet_template.scripts.detector import PlanAnchorGenerator
+
+    rng = np.random.default_rng(3)
+    boxes = rng.uniform(2, 9, size=(300, 3))  # small lesions: the optimiser picks odd sizes here
     plan = plan_anchors(boxes, STRIDES_3D, [2, 3, 4, 5])
     shapes = anchor_shapes_per_level(plan)
-    for level in shapes:
-        cell = AnchorGeneratorWithAnchorShape.generate_anchors_using_shape(torch.tensor(level))
+    assert any(v % 2 for level in shapes for s in level for v in s), "the case needs odd planned sizes"
+    gen = PlanAnchorGenerator(plan.sizes)
+    for level, cell in zip(shapes, gen.cell_anchors, strict=True):
         assert cell.shape == (27, 6)
-        # MONAI rounds the half-extents: even sizes pass through unchanged
-        even = [i for i, s in enumerate(level) if all(v % 2 == 0 for v in s)]
-        got = (cell[:, 3:] - cell[:, :3])[even]
-        np.testing.assert_allclose(got.numpy(), np.asarray(level)[even])
+        np.testing.assert_array_equal((cell[:, 3:] - cell[:, :3]).numpy(), np.asarray(level, dtype=np.float32))
+        np.testing.assert_array_equal((cell[:, 3:] + cell[:, :3]).numpy(), 0)  # centred on the cell
+        rounded = AnchorGeneratorWithAnchorShape.generate_anchors_using_shape(torch.tensor(level))
+        odd = [i for i, s in enumerate(level) if any(v % 2 for v in s)]
+        if odd:  # MONAI's rounding would change exactly these
+            assert not torch.equal(rounded[odd], cell[odd])
