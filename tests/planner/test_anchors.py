@@ -124,3 +124,17 @@ def test_the_network_builds_the_planned_anchors_also_for_odd_sizes():
         odd = [i for i, s in enumerate(level) if any(v % 2 for v in s)]
         if odd:  # MONAI's rounding would change exactly these
             assert not torch.equal(rounded[odd], cell[odd])
+
+
+def test_default_budget_reaches_nndetections_three_runs_of_5000():
+    """Small and large objects (the hard case for the search): our one run (500 boxes at most, DE_MAXITER
+    generations) reaches the mean best IoU of nnDetection's budget (best of 3 searches x ~5000 evaluations on
+    all boxes); the old 40 generations fell 0.04 short here (benchmarks/anchor_budget.py has four box sets)."""
+    from benchmarks.anchor_budget import nndet_like, populations
+
+    sizes, strides, levels = populations(np.random.default_rng(0))["small + large (3D, 2000)"]
+    sizes = sizes[np.random.default_rng(1).choice(len(sizes), 400, replace=False)]
+    theirs, _, _ = nndet_like(sizes, strides, levels)
+    ours = plan_anchors(sizes, strides, levels).mean_best_iou
+    assert ours >= theirs - 0.005, (ours, theirs)
+    assert plan_anchors(sizes, strides, levels, maxiter=40).mean_best_iou < theirs - 0.02
