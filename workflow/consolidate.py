@@ -64,6 +64,17 @@ PREDICT_SCRIPT = "scripts/predict.py"
 # fold validation metrics (fold<X>/val_results/results_boxes.json) averaged into metadata eval_metrics
 METRIC_KEYS = ("AP_IoU_0.10_MaxDet_100", "mAP_IoU_0.10_0.50_0.05_MaxDet_100", "AP_IoU_0.50_MaxDet_100",
                "FROC_score_IoU_0.10", "AR_IoU_0.10_MaxDet_100")
+# the consolidated inference.json's "run": predict a folder of cases with "@predictor" (also the ensemble's)
+RUN_SECTION = {
+    "_target_": "scripts.predict.predict_folder",
+    "cases": "@cases",
+    "output_dir": "@output_dir",
+    "predictor": "@predictor",
+    "overwrite": "@overwrite",
+    "task": "@task",
+    "model": "@model",
+    "folds": "@folds",
+}
 
 
 def _select_folds(bundle: Path, num_folds: int | None, folds: Sequence[int] | None = None) -> list[int]:
@@ -175,16 +186,7 @@ def inference_config(plan: Plan, model: str, folds: Sequence[int], params: dict[
             "classes": "@classes",
             "masks": "@masks",
         },
-        "run": {
-            "_target_": "scripts.predict.predict_folder",
-            "cases": "@cases",
-            "output_dir": "@output_dir",
-            "predictor": "@predictor",
-            "overwrite": "@overwrite",
-            "task": "@task",
-            "model": "@model",
-            "folds": "@folds",
-        },
+        "run": dict(RUN_SECTION),
     }
 
 

@@ -33,6 +33,7 @@ from planner import paths
 from planner.bundle import verify_bundle
 from planner.io import load_json, make_temp_dir, save_json
 from workflow.bundle_code import bundle_module
+from workflow.consolidate import RUN_SECTION
 from workflow.models import bundle_for, bundle_plan, class_names, consolidated_folds
 from workflow.sweep import RAW_SUFFIX, as_dict, fold_params, gt_preprocessed, val_cases
 
@@ -159,16 +160,7 @@ def inference_config(plan: Any, name: str, members: Sequence[str], folds: Sequen
             "classes": "@classes",
             "masks": "@masks",
         },
-        "run": {
-            "_target_": "scripts.predict.predict_folder",
-            "cases": "@cases",
-            "output_dir": "@output_dir",
-            "predictor": "@predictor",
-            "overwrite": "@overwrite",
-            "task": "@task",
-            "model": "@model",
-            "folds": "@folds",
-        },
+        "run": dict(RUN_SECTION),
     }
 
 
