@@ -125,6 +125,7 @@ def inference_config(plan: Any, name: str, members: Sequence[str], folds: Sequen
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "amp": True,
         "overlap": 0.5,
+        "grid": "nndetection",
         "overwrite": False,
         "masks": False,
         "ensemble_iou": ENSEMBLE_IOU,
@@ -150,6 +151,7 @@ def inference_config(plan: Any, name: str, members: Sequence[str], folds: Sequen
             "num_tta": "@num_tta",
             "amp": "@amp",
             "overlap": "@overlap",
+            "grid": "@grid",
             "masks": "@masks",
         },
         "predictor": {

@@ -14,6 +14,7 @@ from monai.transforms import Compose, Transposed
 from bundles.retinaunet_template.scripts.detector import build_detector
 from bundles.retinaunet_template.scripts.inference import (
     DEFAULT_PARAMS,
+    GRIDS,
     Detections,
     check_params,
     consolidate_member,
@@ -79,14 +80,15 @@ def volume(box) -> float:
 
 
 # ------------------------------------------------------------------------------------ tiling
-def test_tile_starts_cover_every_voxel_and_stay_inside():
+@pytest.mark.parametrize("grid", ["nndetection", "even"])
+def test_tile_starts_cover_every_voxel_and_stay_inside(grid):
     rng = np.random.default_rng(0)
     for _ in range(200):
         dim = int(rng.integers(2, 4))
         patch = rng.integers(2, 40, size=dim)
         shape = patch + rng.integers(0, 90, size=dim)
         overlap = float(rng.choice([0.0, 0.25, 0.5, 0.75]))
-        starts = np.asarray(tile_starts(shape, patch, overlap))
+        starts = np.asarray(tile_starts(shape, patch, overlap, grid))
         assert len({tuple(s) for s in starts}) == len(starts), "no duplicate tiles"
         for a in range(dim):
             axis = sorted(set(starts[:, a]))
@@ -169,6 +171,37 @@ def test_member_raw_is_unmirrored_and_in_volume_coordinates():
 
 
 # ------------------------------------------------------------------------------------ tiles -> case
+def test_even_grid_needs_no_more_tiles_and_fewer_on_a_ct():
+    """The even grid keeps the overlap (checked above) with at most as many tiles as nnDetection's, and fewer
+    where the symmetric grid overhangs: the 512x512x256 CT's default plan (patch 96x160x160, transposed axes)
+    takes 5 x 6 x 6 = 180 tiles instead of 6 x 7 x 7 = 294."""
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        patch = int(rng.integers(2, 200))
+        size = patch + int(rng.integers(0, 600))
+        overlap = float(rng.choice([0.0, 0.25, 0.5]))
+        assert len(tile_starts([size], [patch], overlap, "even")) <= len(tile_starts([size], [patch], overlap))
+    assert len(tile_starts([256, 512, 512], [96, 160, 160])) == 294
+    assert len(tile_starts([256, 512, 512], [96, 160, 160], grid="even")) == 180
+    assert tile_starts([512], [128], grid="even") == [(s,) for s in (0, 64, 128, 192, 256, 320, 384)]
+    with pytest.raises(ValueError, match="grid"):
+        tile_starts([64], [32], grid="monai")
+
+
+@pytest.mark.parametrize("truth", [[20, 20, 20, 28, 28, 28], [10, 20, 3, 20, 28, 11], [40, 1, 30, 47, 9, 47]])
+def test_both_grids_give_the_same_final_box(truth):
+    """Tolerance: the same top box (the whole cube, consolidated over its tiles) from either grid."""
+    shape = (48, 56, 48)
+    out = {}
+    for grid in GRIDS:
+        raw = predict_member_raw(ThresholdDetector(volume(truth)), cube_image(shape, truth), (32, 32, 32), 4,
+                                 grid=grid)
+        member = consolidate_member(raw, shape)
+        out[grid] = member.boxes[np.argmax(member.scores)]
+    np.testing.assert_allclose(out["even"], out["nndetection"])
+    np.testing.assert_allclose(out["even"], truth)
+
+
 def test_tile_offsets_and_deduplication_across_overlapping_tiles():
     shape, truth = (48, 48, 48), [20, 20, 20, 28, 28, 28]
     det = ThresholdDetector(volume(truth))

@@ -39,7 +39,7 @@ from planner.io import load_json, save_json
 from planner.nifti import load_case, spacing_from_affine
 from planner.preprocess.transforms import IMAGE_KEY, SPACING_KEY, to_numpy
 
-from .inference import Detections, ensemble_members, predict_case, restore_boxes, voxel_boxes_to_world
+from .inference import GRIDS, Detections, ensemble_members, predict_case, restore_boxes, voxel_boxes_to_world
 from .masks import MASKS_SUFFIX, FindingMask, finding_masks, save_masks
 
 logger = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ class Predictor:
         patch_size, batch_size: sliding-window tile (preprocessed, transposed axes) and tiles per pass.
         num_tta: mirror transforms per fold (1, 4 or 8 in 3D); None: 8 in 3D, 4 in 2D.
         params: postprocessing parameters (``inference.DEFAULT_PARAMS`` keys; the bundle's sweep).
-        device, amp, overlap: see ``inference.predict_case`` (device default CUDA when available).
+        device, amp, overlap, grid: see ``inference.predict_case`` (device default CUDA when available).
         classes: label index (str) -> class name.
         masks: also a mask per finding from the segmentation head (``scripts.masks``): the result then holds
             ``finding_masks`` (``FindingMask`` per box, original voxels, cropped to the box; not JSON:
@@ -265,7 +265,10 @@ class Predictor:
     def __init__(self, detectors: Sequence[nn.Module], preprocessing: Any, patch_size: Sequence[int], batch_size: int,
                  num_tta: int | None = None, params: Mapping[str, Any] | None = None,
                  device: str | torch.device | None = None, amp: bool = True, overlap: float = 0.5,
-                 classes: Mapping[str, str] | None = None, masks: bool = False) -> None:
+                 classes: Mapping[str, str] | None = None, masks: bool = False, grid: str = "nndetection") -> None:
+        if grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+        self.grid = grid
         self.detectors, self.preprocessing = list(detectors), preprocessing
         self.patch_size, self.batch_size = [int(p) for p in patch_size], int(batch_size)
         self.num_tta, self.params = num_tta, (dict(params) if params is not None else None)
@@ -291,7 +294,7 @@ class Predictor:
         arr = np.ascontiguousarray(to_numpy(pre[IMAGE_KEY]), dtype=np.float32)
         pred = predict_case(self.detectors, arr, self.patch_size, self.batch_size, num_tta=self.num_tta,
                             params=self.params, device=self.device, amp=self.amp, overlap=self.overlap,
-                            masks=self.masks)
+                            masks=self.masks, grid=self.grid)
         return pred, pre
 
     def __call__(self, image: np.ndarray, affine: np.ndarray, case_id: str = "", **provenance: Any) -> dict[str, Any]:
@@ -324,7 +327,7 @@ ENSEMBLE_IOU = 0.5  # the plans' ensemble: nnDetection's ensembling IoU, as nnde
 
 def load_member_predictors(bundle_root: str | Path, members: Sequence[str], device: Any = None,
                            num_tta: int | None = None, amp: bool = True, overlap: float = 0.5,
-                           masks: bool = False) -> list[Predictor]:
+                           masks: bool = False, grid: str = "nndetection") -> list[Predictor]:
     """The :class:`Predictor` of every member of a plan ensemble (``<bundle_root>/<member>/configs/inference.json``:
     each with its own preprocessing, network definition, weights and postprocessing), built with this bundle's
     scripts. ``masks`` goes to the first member only (the full-resolution plan; its segmentation head gives the
@@ -346,6 +349,7 @@ def load_member_predictors(bundle_root: str | Path, members: Sequence[str], devi
         parser.read_config(str(cfg))
         parser["bundle_root"] = str(root / member)
         parser["num_tta"], parser["amp"], parser["overlap"] = num_tta, bool(amp), float(overlap)
+        parser["grid"] = grid
         parser["masks"] = bool(masks) and i == 0
         if device is not None:
             parser["device"] = device
