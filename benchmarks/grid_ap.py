@@ -4,7 +4,11 @@ item 2. Runs on a task that ``benchmarks/plans_mixed.py`` trained (its ``--root`
 metrics, and the tiles per case. Nothing is trained; the existing ``test_predictions`` are kept
 (each grid writes its own copy beside them).
 
-    python benchmarks/grid_ap.py --root DIR [--num_tta 1]
+At the task's 96^3 both grids place the same tiles; ``--crop 90`` first crops the test images and labels
+(off-centre, offsets 3, 2, 5) to 90^3, where they differ (the originals go to ``DIR/grid_ap_originals``
+once, and the plans' preprocessed test images are moved there so they are made again).
+
+    python benchmarks/grid_ap.py --root DIR [--crop 90] [--num_tta 1]
 """
 
 from __future__ import annotations
@@ -18,14 +22,38 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "Task110D3_Mixed"
+CROP_OFFSET = (3, 2, 5)
 KEYS = ("AP_IoU_0.10_MaxDet_100", "mAP_IoU_0.10_0.50_0.05_MaxDet_100", "AP_IoU_0.50_MaxDet_100", "FROC_score_IoU_0.10")
+
+
+def crop_test_set(root: Path, size: int) -> None:
+    """Crop ``imagesTs`` / ``labelsTs`` to ``size`` per axis (once; originals kept under grid_ap_originals)."""
+    import nibabel as nib
+    import numpy as np
+
+    task, keep = root / "data" / TASK, root / "grid_ap_originals"
+    if keep.is_dir():
+        return
+    keep.mkdir()
+    for sub in ("imagesTs", "labelsTs"):
+        shutil.copytree(task / "raw_splitted" / sub, keep / sub)
+        for f in sorted((task / "raw_splitted" / sub).glob("*.nii.gz")):
+            img = nib.load(str(f))
+            a = np.asarray(img.dataobj)
+            b = a[tuple(slice(o, o + size) for o in CROP_OFFSET)]
+            nib.save(nib.Nifti1Image(b.astype(a.dtype), img.affine, img.header), str(f))
+    for pre in (task / "preprocessed").glob("*/imagesTs"):
+        pre.rename(keep / f"preprocessed_{pre.parent.name}_imagesTs")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, required=True, help="the --root of benchmarks/plans_mixed.py")
     p.add_argument("--num_tta", type=int, default=1)
+    p.add_argument("--crop", type=int, default=None, help="crop the test cases to this size per axis first")
     args = p.parse_args()
+    if args.crop:
+        crop_test_set(args.root, args.crop)
     os.environ["det_data"], os.environ["det_models"] = str(args.root / "data"), str(args.root / "models")
     sys.path.insert(0, str(ROOT))
     from bundles.retinaunet_template.scripts import inference as template
@@ -47,7 +75,7 @@ def main() -> None:
             inference = bundle_module(bundle, "inference")
             tiles = []
 
-            def counted(shape, patch, overlap=0.5, _grid=grid):
+            def counted(shape, patch, overlap=0.5, _grid=grid, tiles=tiles):
                 starts = template.tile_starts(shape, patch, overlap, _grid)
                 tiles.append(len(starts))
                 return starts
