@@ -107,7 +107,8 @@ def crop_to_bbox(array: np.ndarray, bbox: list[list[int]]) -> np.ndarray:
     return array[lead + tuple(slice(lo, hi) for lo, hi in bbox)]
 
 
-def crop_case(data: np.ndarray, seg: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, list[list[int]]]:
+def crop_case(data: np.ndarray, seg: np.ndarray | None,
+              seg_in_place: bool = False) -> tuple[np.ndarray, np.ndarray | None, list[list[int]]]:
     """Crop image [C, *spatial] (+ instance map) to the nonzero bbox.
 
     The crops are C-contiguous; a crop that is already C-contiguous in its input (the whole array, say)
@@ -117,6 +118,9 @@ def crop_case(data: np.ndarray, seg: np.ndarray | None) -> tuple[np.ndarray, np.
     filled on the cropped mask: filling only adds enclosed voxels (the bbox is that of the unfilled
     mask), and a background component touching the bbox faces is joined to the border through the
     background around the bbox, so the filled crop equals the crop of the filled mask.
+
+    ``seg_in_place``: the -1 marks may be written into ``seg`` itself where its crop is C-contiguous in it
+    (the caller gives the map away: no second whole label map in memory); otherwise ``seg`` is never written.
 
     Returns:
         (cropped data, cropped seg or None, bbox as [[lo, hi), ...] in raw voxel indices)
@@ -134,9 +138,16 @@ def crop_case(data: np.ndarray, seg: np.ndarray | None) -> tuple[np.ndarray, np.
         if body.all():  # nothing to mark: the crop itself (no copy when it is the whole C-ordered map)
             seg_c = np.ascontiguousarray(crop_to_bbox(seg, bbox))
         else:
-            seg_c = np.array(crop_to_bbox(seg, bbox), order="C")
+            seg_c = np.ascontiguousarray(crop_to_bbox(seg, bbox))
+            if not (seg_in_place and seg_c.flags.writeable) and np.shares_memory(seg_c, seg):
+                seg_c = seg_c.copy()
             outside = fill_holes(body)
+            del body, nonzero  # the whole-scan mask is not needed any more
             np.logical_not(outside, out=outside)
-            outside &= seg_c == 0
-            seg_c[outside] = -1
+            step = max(1, (1 << 24) // max(1, int(np.prod(outside.shape[1:]))))  # slabs: no whole-map temporary
+            for a in range(0, outside.shape[0], step):
+                o, sc = outside[a:a + step], seg_c[a:a + step]
+                o &= sc == 0
+                sc[o] = -1
+            del outside
     return data_c, seg_c, bbox

@@ -13,10 +13,11 @@ a rerun skips done cases unless ``overwrite``, and a crash mid-case leaves it to
 
 from __future__ import annotations
 
+
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,20 @@ def _seg_dtype(seg: np.ndarray) -> type:
     return np.int16 if seg.size == 0 or (seg.min() >= -1 and seg.max() <= np.iinfo(np.int16).max) else np.int32
 
 
+def _run_chain(chain, given: list[dict[str, Any]]) -> dict[str, Any]:
+    """``chain(data)`` for the one dict in ``given`` (taken out of it, so that nobody else holds it), step by
+    step for a ``Compose`` (``monai.transforms.apply_transform`` per step, as Compose does for one dict) so
+    that no step's input outlives the step after it."""
+    from monai.transforms import Compose, apply_transform
+
+    data = given.pop()
+    if not isinstance(chain, Compose) or getattr(chain, "lazy", False):
+        return chain(data)
+    for t in chain.transforms:
+        data = apply_transform(t, data)
+    return data
+
+
 def preprocess_case(files: CaseFiles, dim: int, chain, out_dir: Path, plan_id: str) -> dict[str, Any]:
     """Load, preprocess and write one case; returns its properties (also written as ``<case>.json``).
 
@@ -87,7 +102,12 @@ def preprocess_case(files: CaseFiles, dim: int, chain, out_dir: Path, plan_id: s
     data: dict[str, Any] = {IMAGE_KEY: case.data, SPACING_KEY: case.spacing}
     if case.seg is not None:
         data[SEG_KEY] = case.seg[None]
-    out = chain(data)
+    # the chain's dict is the only holder of the loaded arrays, and its steps run one by one, so each step's
+    # inputs are released once the next one has them (a Compose call would keep its input dict to the end)
+    case = replace(case, data=None, seg=None)
+    given = [data]
+    del data
+    out = _run_chain(chain, given)
     image = np.ascontiguousarray(to_numpy(out[IMAGE_KEY]), dtype=np.float32)
     props: dict[str, Any] = {
         "case_id": files.case_id,

@@ -402,21 +402,29 @@ class CropForegroundNonzerod(MapTransform):
     Adds ``mask_key`` (bool [1, *cropped]: the body, i.e. label >= 0), ``original_shape``, ``crop_bbox``
     (half-open [[lo, hi), ...] per raw axis) and ``shape_after_crop``. Label voxels outside the body that
     were background become -1. Unlabeled input gets the body mask all the same.
+
+    ``consume``: the dict it is given and the label map in it are the chain's own (the preprocessing worker's
+    freshly loaded case): the -1 marks go into that map where nothing is cropped away from it, and the dict's
+    entries are replaced rather than copied, so no second whole label map exists. Never for arrays a caller
+    still reads.
     """
 
-    def __init__(self, keys: str = IMAGE_KEY, seg_key: str = SEG_KEY, mask_key: str = MASK_KEY) -> None:
+    def __init__(self, keys: str = IMAGE_KEY, seg_key: str = SEG_KEY, mask_key: str = MASK_KEY,
+                 consume: bool = False) -> None:
         super().__init__(keys)
         if len(self.keys) != 1:
             raise ValueError("CropForegroundNonzerod crops one image key (all its channels define the body)")
         self.seg_key, self.mask_key = seg_key, mask_key
+        self.consume = bool(consume)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
+        d = data if self.consume and isinstance(data, dict) else dict(data)
         key = self.keys[0]
         image = to_numpy(d[key])
         seg = d.get(self.seg_key)
+        own = seg is None or (self.consume and isinstance(seg, np.ndarray))
         seg_in = to_numpy(seg)[0] if seg is not None else np.zeros(image.shape[1:], dtype=np.int8)
-        image_c, seg_c, bbox = crop_case(image, seg_in)
+        image_c, seg_c, bbox = crop_case(image, seg_in, seg_in_place=own)
         d[key] = image_c
         d[self.mask_key] = (seg_c >= 0)[None]
         if seg is not None:
@@ -441,6 +449,10 @@ class ResampleToSpacingd(MapTransform):
         transpose_forward: the axis order applied by the transpose step (identity if None).
         order: spline order per key (3 for images; 0 = nearest neighbour for label/instance maps and masks).
         spacing_key: entry holding the voxel size per raw axis.
+        consume: replace the entries of the dict it is given, one key after the other, instead of returning
+            a new dict: each input array is released as soon as its output exists (a 512x512x600 case never
+            holds the image's input and output together with the label map's). Only for a dict nobody else
+            reads; the bundle's chain sets it, as the transpose step before it hands over a fresh dict.
     """
 
     def __init__(
@@ -451,6 +463,7 @@ class ResampleToSpacingd(MapTransform):
         order: int | Sequence[int] = 3,
         spacing_key: str = SPACING_KEY,
         allow_missing_keys: bool = True,
+        consume: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.target_spacing = [float(s) for s in target_spacing]
@@ -462,9 +475,10 @@ class ResampleToSpacingd(MapTransform):
             raise ValueError(f"ResampleToSpacingd: {len(orders)} orders for {len(self.keys)} keys")
         self.orders = dict(zip(self.keys, orders, strict=True))
         self.spacing_key = spacing_key
+        self.consume = bool(consume)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
+        d = data if self.consume and isinstance(data, dict) else dict(data)
         if self.spacing_key not in d:
             raise KeyError(f"ResampleToSpacingd needs the voxel spacing in data[{self.spacing_key!r}]")
         raw = [float(s) for s in d[self.spacing_key]]
@@ -472,14 +486,21 @@ class ResampleToSpacingd(MapTransform):
         present = [k for k in self.key_iterator(d)]
         if not present:
             return d
+        if self.consume:  # label maps and masks first: the image's input and output then meet fewer others
+            present.sort(key=lambda k: self.orders[k] != 0)
         shape = to_numpy(d[present[0]]).shape[1:]
         new_shape = compute_new_shape(shape, spacing, self.target_spacing)
         for key in present:
             arr = to_numpy(d[key])
+            if self.consume:
+                d[key] = None  # only ``arr`` holds the input now: released when the output replaces it
             if self.orders[key] == 0:
-                d[key] = resample_labels(arr, new_shape)
+                out = resample_labels(arr, new_shape)
             else:
-                d[key] = resample_image(arr, new_shape, order=self.orders[key])
+                out = resample_image(arr, new_shape, order=self.orders[key])
+            del arr
+            d[key] = out
+            del out
         d["spacing_after_resampling"] = [
             float(s * n / m) for s, n, m in zip(spacing, shape, new_shape, strict=True)
         ]

@@ -421,3 +421,51 @@ def test_bundle_chain_on_compact_load_equals_the_plain_chain(tmp_path, air):
     assert (seg0.min() == -1) == (air == 0)
     np.testing.assert_array_equal(img1, img0)
     np.testing.assert_array_equal(seg1, seg0)
+
+
+def _body_case(seed: int = 0):
+    """[1, 20, 24, 18] int16 image with air around a body box, and an instance map inside and outside it."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((1, 20, 24, 18), np.int16)
+    image[0, 3:17, 2:22, 4:15] = rng.integers(1, 500, (14, 20, 11))
+    image[0, 3:6, 2:6, 4:7] = 0  # air in a corner of the body's bbox: background there becomes -1
+    seg = np.zeros((20, 24, 18), np.int16)
+    seg[5:9, 5:9, 6:10] = 1
+    seg[0:2, 0:3, 0:2] = 2  # in the air: kept as 2 (only background becomes -1)
+    return image, seg
+
+
+def test_crop_marks_in_place_only_when_given_the_map():
+    image, seg = _body_case()
+    before = seg.copy()
+    _, plain, _ = crop_case(image, seg)
+    np.testing.assert_array_equal(seg, before)  # not given: never written
+    assert (plain == -1).any() and not np.shares_memory(plain, seg)
+    full = np.zeros((1, 20, 24, 18), np.int16)
+    full[0] = image[0]
+    full[0, 0, 0, 0], full[0, -1, -1, -1] = 7, 7  # the body's bbox is now the whole scan: its crop is the map itself
+    _, plain2, _ = crop_case(full, seg)
+    _, given, _ = crop_case(full, seg, seg_in_place=True)
+    np.testing.assert_array_equal(given, plain2)
+    assert np.shares_memory(given, seg)  # written into the map it was given: no second whole map
+
+
+@pytest.mark.parametrize("consume", [False, True])
+def test_consuming_crop_and_resample_give_the_same_values(consume):
+    image, seg = _body_case(1)
+    crop = T.CropForegroundNonzerod(consume=consume)
+    res = T.ResampleToSpacingd(keys=[T.IMAGE_KEY, T.SEG_KEY, T.MASK_KEY], target_spacing=[1.5, 1.0, 2.0],
+                               order=[3, 0, 0], consume=consume)
+    given = {T.IMAGE_KEY: image.copy(), T.SEG_KEY: seg[None].copy(), T.SPACING_KEY: [1.0, 1.0, 1.0]}
+    kept = {k: np.copy(v) for k, v in given.items()}
+    out = res(crop(dict(given) if not consume else given))
+    ref = T.ResampleToSpacingd(keys=[T.IMAGE_KEY, T.SEG_KEY, T.MASK_KEY], target_spacing=[1.5, 1.0, 2.0],
+                               order=[3, 0, 0])(T.CropForegroundNonzerod()(dict(kept)))
+    for k in (T.IMAGE_KEY, T.SEG_KEY, T.MASK_KEY):
+        np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(ref[k]))
+    if not consume:  # the caller's dict and arrays are left as they were
+        assert set(given) == set(kept)
+        for k in (T.IMAGE_KEY, T.SEG_KEY):
+            np.testing.assert_array_equal(given[k], kept[k])
+    else:  # the chain's own dict now holds the outputs, not the inputs
+        assert given[T.SEG_KEY].shape == out[T.SEG_KEY].shape
