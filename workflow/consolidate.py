@@ -64,6 +64,19 @@ PREDICT_SCRIPT = "scripts/predict.py"
 # fold validation metrics (fold<X>/val_results/results_boxes.json) averaged into metadata eval_metrics
 METRIC_KEYS = ("AP_IoU_0.10_MaxDet_100", "mAP_IoU_0.10_0.50_0.05_MaxDet_100", "AP_IoU_0.50_MaxDet_100",
                "FROC_score_IoU_0.10", "AR_IoU_0.10_MaxDet_100")
+# the consolidated inference.json's run-time settings (each a command-line override of monai.bundle run)
+RUNTIME_DEFAULTS = {
+    "bundle_root": ".",
+    "input_dir": None,
+    "output_dir": "$@bundle_root + '/predictions'",
+    "num_tta": None,
+    "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+    "amp": True,
+    "overlap": 0.5,
+    "grid": "nndetection",
+    "overwrite": False,
+    "masks": False,
+}
 # the consolidated inference.json's "run": predict a folder of cases with "@predictor" (also the ensemble's)
 RUN_SECTION = {
     "_target_": "scripts.predict.predict_folder",
@@ -132,16 +145,7 @@ def inference_config(plan: Plan, model: str, folds: Sequence[int], params: dict[
                  "[--device cpu] [--overwrite True] [--masks True] [--postprocessing#ensemble_iou 0.4]. Writes "
                  "<case>_boxes.json per case (boxes in original voxels and world mm); --masks True adds a mask per "
                  "finding from the segmentation head (<case>_masks.npz).",
-        "bundle_root": ".",
-        "input_dir": None,
-        "output_dir": "$@bundle_root + '/predictions'",
-        "num_tta": None,
-        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
-        "amp": True,
-        "overlap": 0.5,
-        "grid": "nndetection",
-        "overwrite": False,
-        "masks": False,
+        **RUNTIME_DEFAULTS,
         "task": plan.task,
         "model": model,
         "classes": dict(plan.labels),

@@ -33,7 +33,7 @@ from planner import paths
 from planner.bundle import verify_bundle
 from planner.io import load_json, make_temp_dir, save_json
 from workflow.bundle_code import bundle_module
-from workflow.consolidate import RUN_SECTION
+from workflow.consolidate import RUN_SECTION, RUNTIME_DEFAULTS
 from workflow.models import bundle_for, bundle_plan, class_names, consolidated_folds
 from workflow.sweep import RAW_SUFFIX, as_dict, fold_params, gt_preprocessed, val_cases
 
@@ -118,16 +118,7 @@ def inference_config(plan: Any, name: str, members: Sequence[str], folds: Sequen
                  "--output_dir <folder> [--num_tta 1] [--device cpu] [--overwrite True] [--masks True] "
                  "[--ensemble_iou 0.4]. Writes <case>_boxes.json per case; --masks True adds a mask per finding "
                  "from the first member's segmentation head.",
-        "bundle_root": ".",
-        "input_dir": None,
-        "output_dir": "$@bundle_root + '/predictions'",
-        "num_tta": None,
-        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
-        "amp": True,
-        "overlap": 0.5,
-        "grid": "nndetection",
-        "overwrite": False,
-        "masks": False,
+        **RUNTIME_DEFAULTS,
         "ensemble_iou": ENSEMBLE_IOU,
         "task": plan.task,
         "model": name,
