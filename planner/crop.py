@@ -144,7 +144,7 @@ def crop_case(data: np.ndarray, seg: np.ndarray | None,
             outside = fill_holes(body)
             del body, nonzero  # the whole-scan mask is not needed any more
             np.logical_not(outside, out=outside)
-            step = max(1, (1 << 24) // max(1, int(np.prod(outside.shape[1:]))))  # slabs: no whole-map temporary
+            step = max(1, FILL_SLAB_VOXELS // max(1, int(np.prod(outside.shape[1:]))))  # no whole-map temporary
             for a in range(0, outside.shape[0], step):
                 o, sc = outside[a:a + step], seg_c[a:a + step]
                 o &= sc == 0

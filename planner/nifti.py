@@ -120,7 +120,8 @@ def label_to_int(arr: np.ndarray, path: str | Path) -> np.ndarray:
 
 
 # stored image types float32 holds exactly: ``load_case(compact=True)`` keeps them (the preprocessing
-# chain converts slab by slab), halving the memory of an int16 CT; torch has tensors of each
+# chain converts slab by slab), halving the memory of an int16 CT; torch has tensors of each. Label maps
+# of these types fit int16 as they are.
 _COMPACT_IMAGE_TYPES = (np.int8, np.uint8, np.int16)
 
 
@@ -128,7 +129,7 @@ def _compact_label(arr: np.ndarray, path: str | Path) -> np.ndarray:
     """An integer instance map of at most 16 bits as C-ordered int16 when its values fit (room for the
     -1 the crop writes), else ``label_to_int``'s int32 (C-ordered too)."""
     arr = np.asarray(arr)
-    if arr.dtype.type in (np.int8, np.uint8, np.int16) or (
+    if arr.dtype.type in _COMPACT_IMAGE_TYPES or (
         arr.dtype.type == np.uint16 and (arr.size == 0 or int(arr.max()) <= np.iinfo(np.int16).max)
     ):
         return np.asarray(arr, dtype=np.int16, order="C")

@@ -13,7 +13,6 @@ a rerun skips done cases unless ``overwrite``, and a crash mid-case leaves it to
 
 from __future__ import annotations
 
-
 import json
 import logging
 from collections.abc import Sequence

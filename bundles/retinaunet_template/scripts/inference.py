@@ -148,8 +148,6 @@ def pad_to_patch(image: np.ndarray, patch_size: Sequence[int], mode: str = "cons
 
 
 def _axis_starts(size: int, patch: int, overlap: float) -> list[int]:
-    if size < patch:
-        raise ValueError(f"axis of size {size} is smaller than the patch ({patch}); pad it first (pad_to_patch)")
     if size == patch:
         return [0]
     step = patch - int(patch * overlap)
@@ -160,8 +158,6 @@ def _axis_starts(size: int, patch: int, overlap: float) -> list[int]:
 
 
 def _axis_starts_even(size: int, patch: int, overlap: float) -> list[int]:
-    if size < patch:
-        raise ValueError(f"axis of size {size} is smaller than the patch ({patch}); pad it first (pad_to_patch)")
     step = patch - int(patch * overlap)  # the largest step that keeps the requested overlap
     count = 1 + -(-(size - patch) // step)  # fewest tiles from 0 to size - patch with steps <= step
     if count == 1:
@@ -195,6 +191,9 @@ def tile_starts(shape: Sequence[int], patch_size: Sequence[int], overlap: float 
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+    for s, p in zip(shape, patch_size, strict=True):
+        if s < p:
+            raise ValueError(f"axis of size {s} is smaller than the patch ({p}); pad it first (pad_to_patch)")
     starts = _axis_starts if grid == "nndetection" else _axis_starts_even
     axes = [starts(int(s), int(p), overlap) for s, p in zip(shape, patch_size, strict=True)]
     return list(itertools.product(*axes))
